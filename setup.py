@@ -1,0 +1,26 @@
+"""Packaging for tfmeta: gradient-based meta-learning for TensorFlow 2 / Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tfmeta",
+    version="0.1.0",
+    description="Fast, exact gradient-based meta-learning (MAML family and more) for TensorFlow 2 / Keras 3.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["tfmeta", "tfmeta.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.10",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9",
+    ],
+    extras_require={
+        # CPU-only TensorFlow (small wheel); the default for laptops, CI and this project's machines.
+        "cpu": ["tensorflow-cpu==2.21.0"],
+        # NVIDIA GPUs: TensorFlow with its CUDA libraries.
+        "gpu": ["tensorflow[and-cuda]==2.21.0"],
+        "test": ["pytest>=8", "hypothesis>=6"],
+    },
+    entry_points={"console_scripts": ["tfmeta=tfmeta.cli:main"]},
+)

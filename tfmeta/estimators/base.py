@@ -1,0 +1,131 @@
+"""The interface every meta-gradient estimator shares, and the task loop they all use.
+
+An estimator turns the current meta-parameters and a batch of M tasks into a meta-loss,
+meta-gradients (one tensor per meta-parameter, ordered as `MetaLearner.meta_variables`) and
+metrics, all inside one compiled graph. A subclass implements only
+:meth:`Estimator.task_gradient` for one task; :meth:`Estimator.meta_gradient` runs it for every
+task in a `tf.while_loop` in which each task takes its own tape and adds its meta-gradient to
+accumulators, so nothing is differentiated through the task loop, the graph does not grow with M,
+and memory stays flat in M. The meta-gradient is the mean over tasks (Eq. 9 of
+000_6b55c9a7831360bd.txt).
+
+Adding an estimator means one new module with a subclass decorated by :func:`register`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, NamedTuple, Sequence
+
+import tensorflow as tf
+
+from tfmeta.learner import MetaLearner
+
+_REGISTRY: dict[str, type["Estimator"]] = {}
+
+
+class MetaGradient(NamedTuple):
+    """Mean query loss after adaptation, meta-gradients, and mean metrics over the tasks."""
+
+    loss: tf.Tensor
+    grads: list
+    metrics: dict
+
+
+class Task(NamedTuple):
+    """One task's support and query sets (an element of a TaskBatch)."""
+
+    support_x: tf.Tensor
+    support_y: tf.Tensor
+    query_x: tf.Tensor
+    query_y: tf.Tensor
+
+
+def register(cls):
+    """Class decorator: make an estimator available by its `name` (CLI `--estimator`)."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def names() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get(name: str, **kwargs) -> "Estimator":
+    """An estimator instance by name, e.g. ``get("maml")``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"estimator={name!r} is not valid: expected one of {list(names())}.")
+    return _REGISTRY[name](**kwargs)
+
+
+def zeros_for_none(grads: Sequence, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, like)]
+
+
+class Estimator(abc.ABC):
+    """Base class of meta-gradient estimators.
+
+    Args:
+        parallel_tasks: how many tasks of the task loop may run at once (`parallel_iterations`
+            of the `tf.while_loop`). On CPU, two tasks side by side with single-threaded ops beat
+            splitting each op over the cores.
+    """
+
+    name: ClassVar[str] = ""
+    #: whether the estimator differentiates through the inner loop (second order).
+    second_order: ClassVar[bool] = False
+
+    def __init__(self, parallel_tasks: int = 2):
+        if isinstance(parallel_tasks, bool) or not isinstance(parallel_tasks, int) or parallel_tasks < 1:
+            raise ValueError(f"parallel_tasks={parallel_tasks!r} is not valid: expected an integer >= 1.")
+        self.parallel_tasks = parallel_tasks
+
+    def check(self, learner: MetaLearner) -> None:
+        """Raise ValueError if this estimator cannot train `learner` (called before tracing)."""
+
+    def metric_names(self, learner: MetaLearner) -> tuple[str, ...]:
+        """Names of the metrics :meth:`task_gradient` returns (fixed, for the task loop)."""
+        return learner.metric_names
+
+    @abc.abstractmethod
+    def task_gradient(
+        self, learner: MetaLearner, meta_values: list[tf.Tensor], task: Task
+    ) -> tuple[tf.Tensor, list[tf.Tensor], dict]:
+        """One task's query loss after adaptation, meta-gradient (aligned with `meta_values`,
+        no None) and metrics (exactly the keys of :meth:`metric_names`)."""
+
+    def meta_gradient(self, learner: MetaLearner, tasks, meta_values=None) -> MetaGradient:
+        """Mean meta-loss, meta-gradient and metrics over a batch of tasks (in-graph task loop).
+
+        Args:
+            learner: the MetaLearner.
+            tasks: a TaskBatch (or any 4-tuple support_x, support_y, query_x, query_y) of M tasks.
+            meta_values: meta-parameter tensors; default the learner's current values.
+        """
+        meta_values = learner.meta_values() if meta_values is None else list(meta_values)
+        tasks = Task(*tasks)
+        count = tf.shape(tasks.support_x)[0]
+        dtype = learner.dtype
+        names = self.metric_names(learner)
+
+        def body(i, loss_sum, metric_sums, grad_sums):
+            task = Task(*(t[i] for t in tasks))
+            loss, grads, metrics = self.task_gradient(learner, meta_values, task)
+            return (
+                i + 1,
+                loss_sum + tf.cast(loss, dtype),
+                {k: metric_sums[k] + tf.cast(metrics[k], dtype) for k in names},
+                [a + g for a, g in zip(grad_sums, grads)],
+            )
+
+        start = (
+            tf.constant(0),
+            tf.zeros([], dtype),
+            {k: tf.zeros([], dtype) for k in names},
+            [tf.zeros_like(v) for v in meta_values],
+        )
+        _, loss, metrics, grads = tf.while_loop(
+            lambda i, *_: i < count, body, start, parallel_iterations=self.parallel_tasks
+        )
+        m = tf.cast(count, dtype)
+        return MetaGradient(loss / m, [g / m for g in grads], {k: v / m for k, v in metrics.items()})

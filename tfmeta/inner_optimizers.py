@@ -1,0 +1,159 @@
+"""Differentiable inner optimizers as pure functions over (params, grads, state).
+
+As in optax, an optimizer is a pair of pure functions, here split at the learning rate:
+
+- ``init(params) -> state``
+- ``direction(grads, state, params) -> (direction, new_state)``
+
+and one shared step, :func:`step`, applies ``params - learning_rate * direction``. Nothing is
+assigned in place (Keras optimizers ``assign`` and cannot be differentiated through), so a tape can
+differentiate the whole trajectory, and the learning rate may be a scalar or one tensor per
+parameter that is itself meta-learned (Meta-SGD).
+
+Example:
+    >>> opt = momentum(learning_rate=0.1, momentum=0.9, weight_decay=1e-4)
+    >>> state = opt.init(params)
+    >>> params, state = step(opt, params, grads, state)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import tensorflow as tf
+
+Params = Sequence[tf.Tensor]
+
+
+class InnerOptimizer(NamedTuple):
+    """A differentiable optimizer: pure `init` and `direction` plus its default learning rate."""
+
+    name: str
+    learning_rate: float
+    init: Callable[[Params], Any]
+    direction: Callable[[Params, Any, Params], tuple[list[tf.Tensor], Any]]
+
+
+def _check_rate(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{name}={value!r} is not valid: expected a number > 0.")
+    return value
+
+
+def _check_unit(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} is not valid: expected a number in [0, 1).")
+    return value
+
+
+def sgd(learning_rate: float = 0.4) -> InnerOptimizer:
+    """Plain gradient descent: phi <- phi - eta * g (Eq. 1 of Finn et al. in 001_7e396414bca289e5.txt)."""
+    _check_rate("learning_rate", learning_rate)
+    return InnerOptimizer(
+        "sgd",
+        learning_rate,
+        init=lambda params: (),
+        direction=lambda grads, state, params: (list(grads), state),
+    )
+
+
+def momentum(
+    learning_rate: float = 0.4, momentum: float = 0.9, weight_decay: float = 0.0
+) -> InnerOptimizer:
+    """SGD with momentum and weight decay, Eq. 5 of 000_6b55c9a7831360bd.txt.
+
+    v_{t+1} = mu * v_t + g_t + omega * phi_t,   phi_{t+1} = phi_t - eta * v_{t+1}.
+    The state is the velocity v (zeros at the start of every task).
+    """
+    _check_rate("learning_rate", learning_rate)
+    mu = _check_unit("momentum", momentum)
+    omega = float(weight_decay)
+    if omega < 0:
+        raise ValueError(f"weight_decay={weight_decay!r} is not valid: expected a number >= 0.")
+
+    def direction(grads, velocity, params):
+        new_v = [mu * v + g + omega * p for v, g, p in zip(velocity, grads, params)]
+        return new_v, new_v
+
+    return InnerOptimizer(
+        "momentum", learning_rate, init=lambda params: [tf.zeros_like(p) for p in params],
+        direction=direction,
+    )
+
+
+class AdamState(NamedTuple):
+    count: tf.Tensor
+    mu: list
+    nu: list
+
+
+def adam(
+    learning_rate: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 1e-10,
+) -> InnerOptimizer:
+    """Adam (Kingma & Ba) with optax's `eps_root`, safe to differentiate through.
+
+    m_t = b1 m + (1 - b1) g,  v_t = b2 v + (1 - b2) g^2,  m^ = m_t / (1 - b1^t),  v^ = v_t / (1 - b2^t),
+    direction = m^ / (sqrt(v^ + eps_root) + eps).
+    `eps_root > 0` keeps d sqrt(v^)/dv^ finite where a gradient is exactly zero, so meta-gradients
+    through Adam never become NaN.
+    """
+    _check_rate("learning_rate", learning_rate)
+    b1 = _check_unit("b1", b1)
+    b2 = _check_unit("b2", b2)
+    if eps_root <= 0:
+        raise ValueError(
+            f"eps_root={eps_root!r} is not valid: expected a number > 0 (zero gives NaN "
+            "meta-gradients through sqrt at zero gradients)."
+        )
+
+    def init(params):
+        zeros = [tf.zeros_like(p) for p in params]
+        return AdamState(tf.zeros([], params[0].dtype), zeros, list(zeros))
+
+    def direction(grads, state, params):
+        del params
+        count = state.count + 1
+        mu = [b1 * m + (1 - b1) * g for m, g in zip(state.mu, grads)]
+        nu = [b2 * v + (1 - b2) * tf.square(g) for v, g in zip(state.nu, grads)]
+        c1, c2 = 1 - b1**count, 1 - b2**count
+        out = [(m / c1) / (tf.sqrt(v / c2 + eps_root) + eps) for m, v in zip(mu, nu)]
+        return out, AdamState(count, mu, nu)
+
+    return InnerOptimizer("adam", learning_rate, init=init, direction=direction)
+
+
+def step(
+    optimizer: InnerOptimizer,
+    params: Params,
+    grads: Params,
+    state: Any,
+    learning_rate=None,
+) -> tuple[list[tf.Tensor], Any]:
+    """One differentiable update: params - learning_rate * direction(grads, state, params).
+
+    `learning_rate` is None (the optimizer's own), a scalar, or one tensor per parameter
+    (Meta-SGD: meta-learned, element-wise rates).
+    """
+    direction, state = optimizer.direction(grads, state, params)
+    rates = learning_rate if learning_rate is not None else optimizer.learning_rate
+    if not isinstance(rates, (list, tuple)):
+        rates = [rates] * len(params)
+    return [p - tf.cast(r, p.dtype) * d for p, r, d in zip(params, rates, direction)], state
+
+
+INNER_OPTIMIZERS = {"sgd": sgd, "momentum": momentum, "adam": adam}
+
+
+def get(name: str, learning_rate: float, **kwargs) -> InnerOptimizer:
+    """An inner optimizer by name: "sgd", "momentum" or "adam"."""
+    if name not in INNER_OPTIMIZERS:
+        raise ValueError(
+            f"inner_optimizer={name!r} is not valid: expected one of {sorted(INNER_OPTIMIZERS)}."
+        )
+    return INNER_OPTIMIZERS[name](learning_rate=learning_rate, **kwargs)

@@ -1,0 +1,202 @@
+"""What is meta-learned: a Keras model, its adaptation procedure, losses and meta-parameters.
+
+A :class:`MetaLearner` holds everything an estimator needs about one meta-learning problem:
+
+- the model, run functionally (:class:`~tfmeta.functional.FunctionalModel`), and which of its
+  weights adapt in the inner loop;
+- the inner optimizer and number of inner steps T (the adaptation U of
+  001_7e396414bca289e5.txt, Sec. 3);
+- the task loss (cross-entropy on logits for classification, mean squared error for regression),
+  or user losses;
+- the **meta-parameters**, as :class:`MetaParams`: the initialization theta (the model's own
+  trainable variables, so the learned initialization *is* the model), optional per-parameter
+  learning rates (Meta-SGD), and optional meta-network weights that enter the inner loss
+  (Sec. 2.2 of 000_6b55c9a7831360bd.txt: g_t = grad_phi L_t(phi_t, theta)).
+
+Example (meta-network weighting the inner loss)::
+
+    weights = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="softplus")])
+
+    def inner_loss(learner, params, meta, x, y):
+        per_example = tf.square(learner.fmodel(params, x) - y)
+        w, _ = weights.stateless_call(meta.net, [], x)
+        return tf.reduce_mean(w * per_example)
+
+    learner = MetaLearner(model, task="regression", meta_network=weights, inner_loss=inner_loss)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+from tfmeta import _backend  # noqa: F401
+
+import keras
+import tensorflow as tf
+
+from tfmeta import inner_loop, inner_optimizers
+from tfmeta.functional import FunctionalModel
+
+TASK_TYPES = ("classification", "regression")
+
+
+class MetaParams(NamedTuple):
+    """Meta-parameter tensors: initialization, Meta-SGD rates (maybe empty), meta-network (maybe empty)."""
+
+    init: list
+    lr: list
+    net: list
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} is not valid: expected an integer >= 0.")
+    return value
+
+
+class MetaLearner:
+    """A model plus its differentiable adaptation procedure (see module docstring).
+
+    Args:
+        model: a built Keras model; classification models output logits.
+        task: "classification" (sparse labels, cross-entropy, accuracy) or "regression" (MSE).
+        inner_optimizer: an InnerOptimizer, or a name ("sgd", "momentum", "adam").
+        inner_lr: learning rate when `inner_optimizer` is a name.
+        inner_steps: T, the number of inner steps in meta-training and adaptation.
+        adapt: which weights adapt: "all", "head", "body" or a predicate on variable paths.
+        batchnorm: BatchNorm policy of :mod:`tfmeta.functional` ("batch" or "running").
+        meta_sgd: meta-learn one learning rate per adapted weight element (Meta-SGD).
+        meta_network: optional Keras model whose weights are meta-parameters entering the losses.
+        inner_loss, outer_loss: optional ``fn(learner, params, meta, x, y) -> scalar`` replacing
+            the task loss on the support (inner) or query (outer) set.
+        unroll: unroll the inner loop in the graph instead of a `tf.while_loop`.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        *,
+        task: str = "classification",
+        inner_optimizer="sgd",
+        inner_lr: float = 0.4,
+        inner_steps: int = 5,
+        adapt="all",
+        batchnorm: str = "batch",
+        meta_sgd: bool = False,
+        meta_network: keras.Model | None = None,
+        inner_loss: Callable | None = None,
+        outer_loss: Callable | None = None,
+        unroll: bool = False,
+    ):
+        if task not in TASK_TYPES:
+            raise ValueError(f"task={task!r} is not valid: expected one of {TASK_TYPES}.")
+        self.fmodel = FunctionalModel(model, adapt=adapt, batchnorm=batchnorm)
+        self.model = model
+        self.task = task
+        if isinstance(inner_optimizer, str):
+            inner_optimizer = inner_optimizers.get(inner_optimizer, inner_lr)
+        if not isinstance(inner_optimizer, inner_optimizers.InnerOptimizer):
+            raise TypeError(
+                "inner_optimizer must be a name or a tfmeta.inner_optimizers.InnerOptimizer, "
+                f"got {type(inner_optimizer).__name__}."
+            )
+        self.inner_optimizer = inner_optimizer
+        self.inner_steps = _positive_int("inner_steps", inner_steps)
+        self.unroll = bool(unroll)
+        self.meta_network = meta_network
+        self._inner_loss = inner_loss
+        self._outer_loss = outer_loss
+        dtype = self.fmodel.dtype
+        trainable = model.trainable_variables
+        self.lr_variables = []
+        if meta_sgd:
+            self.lr_variables = [
+                keras.Variable(
+                    tf.fill(trainable[i].shape, tf.cast(inner_optimizer.learning_rate, dtype)),
+                    name=f"meta_sgd_lr_{k}",
+                )
+                for k, i in enumerate(self.fmodel.adapted)
+            ]
+        net_variables = list(meta_network.trainable_variables) if meta_network is not None else []
+        self._sizes = (len(trainable), len(self.lr_variables), len(net_variables))
+        self.meta_variables = list(trainable) + self.lr_variables + net_variables
+
+    # -- meta-parameters -------------------------------------------------------------------------
+    @property
+    def dtype(self) -> tf.DType:
+        return self.fmodel.dtype
+
+    def meta_values(self) -> list[tf.Tensor]:
+        """Current values of all meta-parameters, flat (init, then lr, then net)."""
+        return [tf.convert_to_tensor(v.value) for v in self.meta_variables]
+
+    def unflatten(self, flat: Sequence[tf.Tensor]) -> MetaParams:
+        a, b, _ = self._sizes
+        flat = list(flat)
+        return MetaParams(flat[:a], flat[a : a + b], flat[a + b :])
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return ("accuracy",) if self.task == "classification" else ()
+
+    # -- losses ----------------------------------------------------------------------------------
+    def task_loss(self, outputs, y) -> tf.Tensor:
+        """Mean cross-entropy on logits (classification) or mean squared error (regression)."""
+        if self.task == "classification":
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.cast(y, tf.int32), logits=outputs
+            )
+            return tf.reduce_mean(losses)
+        return tf.reduce_mean(tf.square(outputs - tf.cast(y, outputs.dtype)))
+
+    def metrics(self, outputs, y) -> dict[str, tf.Tensor]:
+        if self.task != "classification":
+            return {}
+        hits = tf.equal(tf.argmax(outputs, -1, output_type=tf.int32), tf.cast(y, tf.int32))
+        return {"accuracy": tf.reduce_mean(tf.cast(hits, self.dtype))}
+
+    def inner_loss(self, params, meta: MetaParams, x, y) -> tf.Tensor:
+        if self._inner_loss is not None:
+            return self._inner_loss(self, params, meta, x, y)
+        return self.task_loss(self.fmodel(params, x), y)
+
+    def outer_loss(self, params, meta: MetaParams, x, y) -> tuple[tf.Tensor, dict]:
+        """Query loss after adaptation, and the task metrics (accuracy for classification)."""
+        outputs = self.fmodel(params, x)
+        if self._outer_loss is not None:
+            loss = self._outer_loss(self, params, meta, x, y)
+        else:
+            loss = self.task_loss(outputs, y)
+        return loss, self.metrics(outputs, y)
+
+    # -- adaptation ------------------------------------------------------------------------------
+    def adapt(
+        self,
+        meta: MetaParams,
+        x,
+        y,
+        *,
+        second_order: bool = True,
+        steps: int | None = None,
+    ) -> list[tf.Tensor]:
+        """phi_{T+1}: the full parameter list after T inner steps from theta on (x, y).
+
+        Only the weights selected by `adapt` move; the others stay at the meta-parameters.
+        """
+        steps = self.inner_steps if steps is None else _positive_int("steps", steps)
+        start = list(meta.init)
+        adapted_start = [start[i] for i in self.fmodel.adapted]
+
+        def loss_fn(adapted):
+            return self.inner_loss(self.fmodel.merge(start, adapted), meta, x, y)
+
+        adapted = inner_loop.run(
+            loss_fn,
+            adapted_start,
+            self.inner_optimizer,
+            steps,
+            learning_rate=list(meta.lr) or None,
+            second_order=second_order,
+            unroll=self.unroll,
+        )
+        return self.fmodel.merge(start, adapted)
