@@ -1,0 +1,123 @@
+"""`tfmeta bench`: seconds per meta-step, compile time and peak memory of one configuration.
+
+The standard configuration is conv4 on random 28x28 inputs, N-way K-shot with Q query images per
+class, M tasks per meta-batch, T inner SGD steps (lr 0.4), meta-optimizer Adam. ``plain`` is one
+ordinary supervised Keras training step on the same M x N x (K + Q) images: the reference for
+overhead ratios. Run one configuration per process, so that peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+from tfmeta import _backend  # noqa: F401
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmeta import estimators, models
+from tfmeta.learner import MetaLearner
+from tfmeta.training import MetaTrainer
+
+ESTIMATORS = ("plain",) + estimators.names()
+
+
+def random_tasks(meta_batch, ways, shots, query, *, image_size=28, seed=0):
+    """A batch of M random N-way tasks shaped like Omniglot episodes (numpy)."""
+    rng = np.random.default_rng(seed)
+    s, q = ways * shots, ways * query
+    return (
+        rng.random((meta_batch, s, image_size, image_size, 1), dtype=np.float32),
+        np.tile(np.repeat(np.arange(ways, dtype=np.int32), shots), (meta_batch, 1)),
+        rng.random((meta_batch, q, image_size, image_size, 1), dtype=np.float32),
+        np.tile(np.repeat(np.arange(ways, dtype=np.int32), query), (meta_batch, 1)),
+    )
+
+
+def _plain_step(model, tasks):
+    """One ordinary training step (Keras BatchNorm, Adam) on all images of the tasks."""
+    sx, sy, qx, qy = tasks
+    x = np.concatenate([sx.reshape((-1,) + sx.shape[2:]), qx.reshape((-1,) + qx.shape[2:])])
+    y = np.concatenate([sy.reshape(-1), qy.reshape(-1)])
+    x, y = tf.constant(x), tf.constant(y)
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss
+
+    return lambda: float(step())
+
+
+def _meta_step(model, tasks, estimator, inner_steps, unroll):
+    learner = MetaLearner(model, inner_lr=0.4, inner_steps=inner_steps, unroll=unroll)
+    trainer = MetaTrainer(learner, estimator, keras.optimizers.Adam(1e-3))
+    tensors = tuple(tf.constant(t) for t in tasks)
+    return lambda: trainer.train_step(tensors)["loss"]
+
+
+def run(
+    estimator: str = "maml",
+    *,
+    model: str = "conv4",
+    ways: int = 5,
+    shots: int = 1,
+    query: int = 15,
+    meta_batch: int = 8,
+    inner_steps: int = 5,
+    steps: int = 5,
+    unroll: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Time `steps` meta-steps after one compile-and-run call; returns the figures as a dict."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not valid: expected one of {list(ESTIMATORS)}.")
+    if model != "conv4":
+        raise ValueError(f"model={model!r} is not valid: bench supports ['conv4'].")
+    for name, value in (("ways", ways), ("shots", shots), ("query", query),
+                        ("meta_batch", meta_batch), ("steps", steps)):
+        if value < 1:
+            raise ValueError(f"{name}={value!r} is not valid: expected an integer >= 1.")
+    keras.utils.set_random_seed(seed)
+    net = models.conv4(ways)
+    tasks = random_tasks(meta_batch, ways, shots, query, seed=seed)
+    if estimator == "plain":
+        call = _plain_step(net, tasks)
+    else:
+        call = _meta_step(net, tasks, estimator, inner_steps, unroll)
+    began = time.perf_counter()
+    call()
+    first = time.perf_counter() - began
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - began)
+    median = statistics.median(times)
+    return {
+        "estimator": estimator,
+        "model": model,
+        "ways": ways,
+        "shots": shots,
+        "query": query,
+        "meta_batch": meta_batch,
+        "inner_steps": inner_steps if estimator != "plain" else 0,
+        "unroll": unroll,
+        "steps": steps,
+        "seconds_per_step_median": median,
+        "seconds_per_step_min": min(times),
+        "first_call_seconds": first,
+        "compile_seconds": max(first - median, 0.0),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
+                    tf.config.threading.get_inter_op_parallelism_threads()],
+        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+    }

@@ -1,0 +1,108 @@
+"""Run configuration: the flags of `tfmeta train`, their per-dataset defaults, and what they build.
+
+A run directory holds ``config.json`` (this configuration) and ``checkpoints/``; `evaluate`,
+`export` and `train --resume` rebuild the same learner from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from tfmeta import _backend  # noqa: F401
+
+import keras
+
+from tfmeta import data, models
+from tfmeta.learner import MetaLearner
+
+#: Defaults that depend on the dataset (Finn et al.'s settings, shortened to fit CPU budgets).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sinusoid": dict(model="mlp", ways=1, shots=5, query=10, inner_steps=1, inner_lr=0.01,
+                     meta_batch=25, iterations=10000),
+    "omniglot": dict(model="conv4", ways=5, shots=1, query=15, inner_steps=5, inner_lr=0.4,
+                     meta_batch=32, iterations=2000),
+}
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a meta-training run (one field per `tfmeta train` flag)."""
+
+    estimator: str = "maml"
+    dataset: str = "sinusoid"
+    data_dir: str | None = None
+    model: str | None = None
+    ways: int | None = None
+    shots: int | None = None
+    query: int | None = None
+    inner_steps: int | None = None
+    inner_lr: float | None = None
+    inner_optimizer: str = "sgd"
+    adapt: str = "all"
+    meta_lr: float = 1e-3
+    meta_batch: int | None = None
+    iterations: int | None = None
+    seed: int = 0
+
+    def resolved(self) -> "RunConfig":
+        """A copy with every None filled from the dataset's defaults; validates the choices."""
+        if self.dataset not in DATASET_DEFAULTS:
+            raise ValueError(
+                f"dataset={self.dataset!r} is not valid: expected one of {list(DATASET_DEFAULTS)}."
+            )
+        filled = dataclasses.replace(self)
+        for key, value in DATASET_DEFAULTS[self.dataset].items():
+            if getattr(filled, key) is None:
+                setattr(filled, key, value)
+        if filled.model not in models.MODELS:
+            raise ValueError(f"model={filled.model!r} is not valid: expected one of {list(models.MODELS)}.")
+        return filled
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "RunConfig":
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def build_model(config: RunConfig) -> keras.Model:
+    """The configured network, freshly initialised from `config.seed`."""
+    keras.utils.set_random_seed(config.seed)
+    if config.model == "conv4":
+        return models.conv4(config.ways)
+    return models.mlp()
+
+
+def build_learner(config: RunConfig) -> MetaLearner:
+    task = "regression" if config.dataset == "sinusoid" else "classification"
+    return MetaLearner(
+        build_model(config),
+        task=task,
+        inner_optimizer=config.inner_optimizer,
+        inner_lr=config.inner_lr,
+        inner_steps=config.inner_steps,
+        adapt=config.adapt,
+    )
+
+
+def build_sampler(config: RunConfig, split: str, *, meta_batch: int | None = None, seed: int | None = None):
+    return data.make_sampler(
+        config.dataset,
+        split,
+        ways=config.ways,
+        shots=config.shots,
+        query=config.query,
+        meta_batch=meta_batch or config.meta_batch,
+        seed=config.seed if seed is None else seed,
+        data_dir=config.data_dir,
+    )
