@@ -144,7 +144,12 @@ def step(
     rates = learning_rate if learning_rate is not None else optimizer.learning_rate
     if not isinstance(rates, (list, tuple)):
         rates = [rates] * len(params)
-    return [p - tf.cast(r, p.dtype) * d for p, r, d in zip(params, rates, direction)], state
+    return [p - _as_dtype(r, p.dtype) * d for p, r, d in zip(params, rates, direction)], state
+
+
+def _as_dtype(rate, dtype):
+    # Python numbers stay Python numbers: tf.cast would round them through float32 first.
+    return rate if isinstance(rate, (int, float)) else tf.cast(rate, dtype)
 
 
 INNER_OPTIMIZERS = {"sgd": sgd, "momentum": momentum, "adam": adam}

@@ -1,0 +1,132 @@
+"""Meta-gradients against central finite differences in float64, and the estimators' identities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+from conftest import classification_tasks, small_dense, smooth_conv_bn
+from tfmeta import estimators, functional, inner_optimizers
+from tfmeta.learner import MetaLearner
+
+
+def _fd_check(learner, tasks, estimator="maml", eps=1e-5, seed=1):
+    """Relative error of <meta-gradient, d> against a central difference of the meta-loss along d."""
+    est = estimators.get(estimator)
+    fn = tf.function(lambda values: est.meta_gradient(learner, tasks, values))
+    values = learner.meta_values()
+    result = fn(values)
+    rng = np.random.default_rng(seed)
+    direction = [tf.constant(rng.normal(size=v.shape), v.dtype) for v in values]
+
+    def loss_at(step):
+        return float(fn([v + step * d for v, d in zip(values, direction)]).loss)
+
+    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(result.grads, direction))
+    return abs(numeric - analytic) / max(abs(analytic), 1e-12), analytic
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_maml_matches_finite_differences_dense(float64, unroll):
+    learner = MetaLearner(small_dense(), inner_lr=0.5, inner_steps=3, unroll=unroll)
+    tasks = classification_tasks(2, 3, 2, 3, (4,))
+    error, analytic = _fd_check(learner, tasks)
+    assert abs(analytic) > 1e-6
+    assert error < 1e-5, error
+
+
+@pytest.mark.parametrize("optimizer", [
+    inner_optimizers.sgd(0.3),
+    inner_optimizers.momentum(0.2, momentum=0.9, weight_decay=0.01),
+    inner_optimizers.adam(0.05),
+])
+def test_maml_matches_finite_differences_conv_batchnorm(float64, optimizer):
+    """Guards the exact BatchNorm moments: stock Keras BN drops second-order terms."""
+    learner = MetaLearner(smooth_conv_bn(), inner_optimizer=optimizer, inner_steps=2)
+    tasks = classification_tasks(2, 3, 2, 3, (6, 6, 1))
+    error, _ = _fd_check(learner, tasks)
+    assert error < 1e-5, error
+
+
+def test_stock_keras_batchnorm_would_fail_the_check(float64, monkeypatch):
+    """Without the exact moments the same check fails: the guard above can fail."""
+    monkeypatch.setattr(
+        functional, "_exact_moments", lambda layer, x, mask: type(layer)._moments(layer, x, mask)
+    )
+    learner = MetaLearner(smooth_conv_bn(), inner_lr=0.3, inner_steps=2)
+    tasks = classification_tasks(2, 3, 2, 3, (6, 6, 1))
+    error, _ = _fd_check(learner, tasks)
+    assert error > 1e-4, error
+
+
+def test_meta_sgd_and_meta_network_gradients_match_finite_differences(float64):
+    """Learning rates and a meta-network inside the inner loss (Sec. 2.2, 000_...) get exact gradients."""
+    keras.utils.set_random_seed(3)
+    weigher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="softplus")])
+
+    def inner_loss(learner, params, meta, x, y):
+        logits = learner.fmodel(params, x)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        weights, _ = weigher.stateless_call(meta.net, [], x)
+        return tf.reduce_mean(weights[:, 0] * losses)
+
+    learner = MetaLearner(small_dense(), inner_lr=0.3, inner_steps=2, meta_sgd=True,
+                          meta_network=weigher, inner_loss=inner_loss)
+    tasks = classification_tasks(2, 3, 2, 3, (4,))
+    est = estimators.get("maml")
+    grads = est.meta_gradient(learner, tasks).grads
+    meta = learner.unflatten(grads)
+    assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in meta.lr + meta.net)
+    error, _ = _fd_check(learner, tasks)
+    assert error < 1e-5, error
+
+
+def test_fomaml_equals_maml_with_inner_gradients_stopped(float64):
+    learner = MetaLearner(smooth_conv_bn(), inner_lr=0.3, inner_steps=3)
+    tasks = classification_tasks(3, 3, 2, 3, (6, 6, 1))
+    fo = estimators.get("fomaml").meta_gradient(learner, tasks)
+    values = learner.meta_values()
+    expected = [tf.zeros_like(v) for v in values]
+    for i in range(3):
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            meta = learner.unflatten(values)
+            params = learner.adapt(meta, tasks[0][i], tasks[1][i], second_order=False)
+            loss, _ = learner.outer_loss(params, meta, tasks[2][i], tasks[3][i])
+        expected = [e + g / 3 for e, g in zip(expected, tape.gradient(loss, values))]
+    second = estimators.get("maml").meta_gradient(learner, tasks)
+    for a, b in zip(fo.grads, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+    gap = max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(fo.grads, second.grads))
+    assert gap > 1e-6  # first order really differs from second order
+
+
+def test_reptile_meta_gradient_is_theta_minus_adapted(float64):
+    learner = MetaLearner(small_dense(), inner_lr=0.2, inner_steps=4)
+    tasks = classification_tasks(3, 3, 2, 3, (4,))
+    result = estimators.get("reptile").meta_gradient(learner, tasks)
+    meta = learner.unflatten(learner.meta_values())
+    expected = [tf.zeros_like(v) for v in meta.init]
+    for i in range(3):
+        phi = learner.adapt(meta, tasks[0][i], tasks[1][i], second_order=False)
+        expected = [e + (t - p) / 3 for e, t, p in zip(expected, meta.init, phi)]
+    for a, b in zip(result.grads, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-14)
+        assert float(tf.reduce_max(tf.abs(b))) > 0
+
+
+def test_task_loop_averages_per_task_meta_gradients(float64):
+    """The in-graph task loop equals the mean of single-task meta-gradients (Eq. 9, 000_...)."""
+    learner = MetaLearner(small_dense(), inner_lr=0.5, inner_steps=2)
+    tasks = classification_tasks(3, 3, 2, 3, (4,))
+    est = estimators.get("maml")
+    whole = est.meta_gradient(learner, tasks)
+    singles = [est.meta_gradient(learner, tuple(t[i:i + 1] for t in tasks)) for i in range(3)]
+    for k, g in enumerate(whole.grads):
+        mean = sum(s.grads[k] for s in singles) / 3
+        np.testing.assert_allclose(g.numpy(), mean.numpy(), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(float(whole.loss), np.mean([float(s.loss) for s in singles]))
