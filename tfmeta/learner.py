@@ -139,6 +139,38 @@ class MetaLearner:
     def metric_names(self) -> tuple[str, ...]:
         return ("accuracy",) if self.task == "classification" else ()
 
+    def check_tasks(self, tasks) -> None:
+        """Raise ValueError, naming the field, if a task batch does not fit this learner.
+
+        Expected: support_x [M, S, *features], support_y [M, S] integer labels (classification) or
+        [M, S, outputs] (regression); query likewise.
+        """
+        fields = ("support_x", "support_y", "query_x", "query_y")
+        if len(tasks) != 4:
+            raise ValueError(f"tasks must hold {fields}, got {len(tasks)} items.")
+        shapes = {name: tuple(t.shape) for name, t in zip(fields, tasks)}
+        features = getattr(self.model, "inputs", None)
+        features = tuple(features[0].shape[1:]) if features else None
+        y_rank = 2 if self.task == "classification" else 3
+        for part in ("support", "query"):
+            x, y = shapes[f"{part}_x"], shapes[f"{part}_y"]
+            if features is not None and (len(x) != 2 + len(features) or any(
+                f is not None and f != d for f, d in zip(features, x[2:]))):
+                raise ValueError(
+                    f"{part}_x has shape {x}: expected [meta_batch, examples, *{features}]."
+                )
+            if len(y) != y_rank or y[:2] != x[:2]:
+                what = "integer labels [meta_batch, examples]" if self.task == "classification" \
+                    else "targets [meta_batch, examples, outputs]"
+                raise ValueError(f"{part}_y has shape {y} for {part}_x of shape {x}: expected {what}.")
+            if self.task == "classification" and tasks[fields.index(f"{part}_y")].dtype.is_floating:
+                raise ValueError(f"{part}_y must hold integer class labels, got dtype {tasks[fields.index(f'{part}_y')].dtype}.")
+        if shapes["support_x"][0] != shapes["query_x"][0]:
+            raise ValueError(
+                f"support_x and query_x disagree on the meta-batch: {shapes['support_x'][0]} vs "
+                f"{shapes['query_x'][0]}."
+            )
+
     # -- losses ----------------------------------------------------------------------------------
     def task_loss(self, outputs, y) -> tf.Tensor:
         """Mean cross-entropy on logits (classification) or mean squared error (regression)."""

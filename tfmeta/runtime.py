@@ -29,3 +29,32 @@ def configure_threads(intra_op: int | str = "auto", inter_op: int | str = "auto"
     except RuntimeError:  # TensorFlow already initialised: keep what it has.
         pass
     return intra, inter
+
+
+def disable_addn_scheduling() -> bool:
+    """Turn off Grappler's memory optimizer for the functions this process runs.
+
+    Its scheduling pass rewrites large ``AddN`` gradient sums into ``AccumulateNV2``, which
+    becomes a ``TemporaryVariable`` in the per-step container. Inside the gradient of a
+    ``tf.while_loop`` nested in another (the second-order inner loop within the task loop) that
+    variable outlives the call, and the *next* call fails with ``AlreadyExistsError: Resource
+    __per_step_0/.../AddN_*/tmp_var`` (seen with conv4 at 30 ways in TF 2.21). The memory optimizer
+    brings nothing on CPU, where the per-task loop already keeps memory flat. Returns whether the
+    option could be set (it lives in TensorFlow's eager context, not a public API).
+    """
+    try:
+        from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+        from tensorflow.python.eager import context
+
+        options = context.context().function_call_options
+        config = config_pb2.ConfigProto()
+        if options.config_proto_serialized:
+            config.ParseFromString(options.config_proto_serialized)
+        config.graph_options.rewrite_options.memory_optimization = (
+            rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+        )
+        options.config_proto_serialized = config
+        context.context().function_call_options = options
+        return True
+    except (ImportError, AttributeError, ValueError):  # pragma: no cover - other TF versions
+        return False

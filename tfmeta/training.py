@@ -115,6 +115,7 @@ class MetaTrainer:
         or a meta-gradient is NaN or Inf.
         """
         tasks = tuple(tf.convert_to_tensor(t) for t in tasks)
+        self.learner.check_tasks(tasks)
         loss, grads, metrics, finite = self.compiled_step(tasks)(*tasks)
         if not bool(finite):
             where = f" The last good checkpoint is {self.manager.latest_checkpoint}." if (
