@@ -13,10 +13,12 @@ import tensorflow as tf
 @pytest.fixture
 def float64():
     """Build Keras layers in float64 for the duration of a test."""
-    previous = keras.config.floatx()
+    previous, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # the global policy is cached once a layer exists
     yield
     keras.config.set_floatx(previous)
+    keras.config.set_dtype_policy(policy)
 
 
 def classification_tasks(meta_batch, ways, shots, query, shape, *, seed=0, dtype="float64"):

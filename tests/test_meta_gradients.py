@@ -15,7 +15,8 @@ from tfmeta.learner import MetaLearner
 
 def _fd_check(learner, tasks, estimator="maml", eps=1e-5, seed=1):
     """Relative error of <meta-gradient, d> against a central difference of the meta-loss along d."""
-    est = estimators.get(estimator)
+    assert learner.dtype == tf.float64, "finite differences need a float64 model"
+    est = estimators.get(estimator) if isinstance(estimator, str) else estimator
     fn = tf.function(lambda values: est.meta_gradient(learner, tasks, values))
     values = learner.meta_values()
     result = fn(values)

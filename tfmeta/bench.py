@@ -57,9 +57,10 @@ def _plain_step(model, tasks):
     return lambda: float(step())
 
 
-def _meta_step(model, tasks, estimator, inner_steps, unroll):
+def _meta_step(model, tasks, estimator, inner_steps, unroll, parallel_tasks, options):
     learner = MetaLearner(model, inner_lr=0.4, inner_steps=inner_steps, unroll=unroll)
-    trainer = MetaTrainer(learner, estimator, keras.optimizers.Adam(1e-3))
+    est = estimators.get(estimator, parallel_tasks=parallel_tasks, **options)
+    trainer = MetaTrainer(learner, est, keras.optimizers.Adam(1e-3))
     tensors = tuple(tf.constant(t) for t in tasks)
     return lambda: trainer.train_step(tensors)["loss"]
 
@@ -75,7 +76,9 @@ def run(
     inner_steps: int = 5,
     steps: int = 5,
     unroll: bool = False,
+    parallel_tasks: int = 2,
     seed: int = 0,
+    options: dict | None = None,
 ) -> dict:
     """Time `steps` meta-steps after one compile-and-run call; returns the figures as a dict."""
     if estimator not in ESTIMATORS:
@@ -92,7 +95,7 @@ def run(
     if estimator == "plain":
         call = _plain_step(net, tasks)
     else:
-        call = _meta_step(net, tasks, estimator, inner_steps, unroll)
+        call = _meta_step(net, tasks, estimator, inner_steps, unroll, parallel_tasks, options or {})
     began = time.perf_counter()
     call()
     first = time.perf_counter() - began
@@ -111,6 +114,8 @@ def run(
         "meta_batch": meta_batch,
         "inner_steps": inner_steps if estimator != "plain" else 0,
         "unroll": unroll,
+        "parallel_tasks": parallel_tasks,
+        "options": options or {},
         "steps": steps,
         "seconds_per_step_median": median,
         "seconds_per_step_min": min(times),

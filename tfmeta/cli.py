@@ -52,6 +52,23 @@ def _add_runtime_flags(p):
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
+def _add_estimator_flags(p):
+    """One flag per estimator option (``--reuse-window`` ...), default: the estimator's own."""
+    from tfmeta import estimators
+
+    for flag in estimators.all_flags():
+        p.add_argument("--" + flag.name.replace("_", "-"), dest=flag.name, type=flag.type,
+                       default=None, help=f"{flag.help} (default {flag.default})")
+
+
+def estimator_options(args) -> dict:
+    """The chosen estimator's options that were given on the command line."""
+    from tfmeta import estimators
+
+    cls = estimators.get_class(args.estimator)
+    return {f.name: getattr(args, f.name) for f in cls.flags if getattr(args, f.name, None) is not None}
+
+
 def _add_train_flags(p):
     from tfmeta import estimators
     from tfmeta.data import DATASETS
@@ -74,6 +91,7 @@ def _add_train_flags(p):
     p.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-step (default 32; 25 for sinusoid)")
     p.add_argument("--iterations", type=_positive_int, default=None, help="meta-steps (default 2000; 10000 for sinusoid)")
     p.add_argument("--seed", type=int, default=0)
+    _add_estimator_flags(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,7 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--inner-steps", type=_positive_int, default=5)
     bench.add_argument("--steps", type=_positive_int, default=5, help="timed meta-steps after the first call")
     bench.add_argument("--unroll", action="store_true", help="unroll the inner loop in the graph")
+    bench.add_argument("--parallel-tasks", type=_positive_int, default=2,
+                       help="tasks of the task loop that may run at once")
     bench.add_argument("--seed", type=int, default=0)
+    _add_estimator_flags(bench)
     _add_runtime_flags(bench)
     return parser
 
@@ -129,7 +150,7 @@ def _newest_run() -> str:
 
 
 def _load_run(run_dir: str | None):
-    from tfmeta.config import RunConfig, build_learner
+    from tfmeta.config import RunConfig, build_estimator, build_learner
     from tfmeta.training import MetaTrainer
 
     run_dir = run_dir or _newest_run()
@@ -138,7 +159,8 @@ def _load_run(run_dir: str | None):
         raise ValueError(f"--run={run_dir!r} is not a tfmeta run directory (no config.json).")
     config = RunConfig.load(path).resolved()
     learner = build_learner(config)
-    trainer = MetaTrainer(learner, config.estimator, checkpoint_dir=os.path.join(run_dir, "checkpoints"))
+    trainer = MetaTrainer(learner, build_estimator(config),
+                          checkpoint_dir=os.path.join(run_dir, "checkpoints"))
     if trainer.restore() == 0:
         raise ValueError(f"--run={run_dir!r} has no checkpoint yet.")
     return run_dir, config, learner
@@ -162,7 +184,7 @@ def cmd_train(args) -> dict:
     import keras
 
     from tfmeta import evaluation, export
-    from tfmeta.config import RunConfig, build_learner, build_sampler
+    from tfmeta.config import RunConfig, build_estimator, build_learner, build_sampler
     from tfmeta.training import MetaTrainer
 
     if args.resume:
@@ -173,7 +195,8 @@ def cmd_train(args) -> dict:
         config = RunConfig.load(path).resolved()
     else:
         fields = {f.name for f in dataclasses.fields(RunConfig)}
-        config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields}).resolved()
+        config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                           estimator_options=estimator_options(args)).resolved()
         run_dir = args.out or os.path.join(
             _RUNS, f"{config.dataset}-{config.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
@@ -186,7 +209,7 @@ def cmd_train(args) -> dict:
     config.save(os.path.join(run_dir, "config.json"))
     trainer = MetaTrainer(
         learner,
-        config.estimator,
+        build_estimator(config),
         keras.optimizers.Adam(config.meta_lr),
         checkpoint_dir=os.path.join(run_dir, "checkpoints"),
         checkpoint_every=args.checkpoint_every,
@@ -237,7 +260,8 @@ def cmd_bench(args) -> dict:
     result = bench.run(
         args.estimator, model=args.model, ways=args.ways, shots=args.shots, query=args.query,
         meta_batch=args.meta_batch, inner_steps=args.inner_steps, steps=args.steps,
-        unroll=args.unroll, seed=args.seed,
+        unroll=args.unroll, parallel_tasks=args.parallel_tasks, seed=args.seed,
+        options=estimator_options(args) if args.estimator != "plain" else {},
     )
     if not args.json:
         print(f"{args.estimator}: {result['seconds_per_step_median']:.3f} s/step (median of {args.steps}), "

@@ -15,7 +15,7 @@ from tfmeta import _backend  # noqa: F401
 
 import keras
 
-from tfmeta import data, models
+from tfmeta import data, estimators, models
 from tfmeta.learner import MetaLearner
 
 #: Defaults that depend on the dataset (Finn et al.'s settings, shortened to fit CPU budgets).
@@ -46,6 +46,8 @@ class RunConfig:
     meta_batch: int | None = None
     iterations: int | None = None
     seed: int = 0
+    #: the chosen estimator's own options (its `flags`), e.g. {"window": 4} for reuse.
+    estimator_options: dict = dataclasses.field(default_factory=dict)
 
     def resolved(self) -> "RunConfig":
         """A copy with every None filled from the dataset's defaults; validates the choices."""
@@ -93,6 +95,10 @@ def build_learner(config: RunConfig) -> MetaLearner:
         inner_steps=config.inner_steps,
         adapt=config.adapt,
     )
+
+
+def build_estimator(config: RunConfig) -> estimators.Estimator:
+    return estimators.get(config.estimator, **config.estimator_options)
 
 
 def build_sampler(config: RunConfig, split: str, *, meta_batch: int | None = None, seed: int | None = None):

@@ -210,25 +210,33 @@ class MetaLearner:
         *,
         second_order: bool = True,
         steps: int | None = None,
-    ) -> list[tf.Tensor]:
+        reuse_window: int = 1,
+        observer: inner_loop.Observer | None = None,
+    ):
         """phi_{T+1}: the full parameter list after T inner steps from theta on (x, y).
 
-        Only the weights selected by `adapt` move; the others stay at the meta-parameters.
+        Only the weights selected by `adapt` move; the others stay at the meta-parameters. The
+        observer (see :mod:`tfmeta.inner_loop`) sees the adapted subset only; with one, returns
+        ``(params, accumulator)``.
         """
         steps = self.inner_steps if steps is None else _positive_int("steps", steps)
         start = list(meta.init)
-        adapted_start = [start[i] for i in self.fmodel.adapted]
 
         def loss_fn(adapted):
             return self.inner_loss(self.fmodel.merge(start, adapted), meta, x, y)
 
-        adapted = inner_loop.run(
+        result = inner_loop.run(
             loss_fn,
-            adapted_start,
+            [start[i] for i in self.fmodel.adapted],
             self.inner_optimizer,
             steps,
             learning_rate=list(meta.lr) or None,
             second_order=second_order,
             unroll=self.unroll,
+            reuse_window=reuse_window,
+            observer=observer,
         )
-        return self.fmodel.merge(start, adapted)
+        if observer is None:
+            return self.fmodel.merge(start, result)
+        adapted, acc = result
+        return self.fmodel.merge(start, adapted), acc

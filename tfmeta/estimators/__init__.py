@@ -4,7 +4,11 @@
 (first-order MAML), "reptile".
 """
 
-from tfmeta.estimators.base import Estimator, MetaGradient, Task, get, names, register
+from tfmeta.estimators.base import (
+    Estimator, Flag, MetaGradient, Task, all_flags, get, get_class, names, register,
+)
 from tfmeta.estimators import fomaml, maml, reptile  # noqa: F401  (register the estimators)
 
-__all__ = ["Estimator", "MetaGradient", "Task", "get", "names", "register"]
+__all__ = [
+    "Estimator", "Flag", "MetaGradient", "Task", "all_flags", "get", "get_class", "names", "register",
+]

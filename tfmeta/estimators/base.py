@@ -15,7 +15,7 @@ Adding an estimator means one new module with a subclass decorated by :func:`reg
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import tensorflow as tf
 
@@ -41,6 +41,18 @@ class Task(NamedTuple):
     query_y: tf.Tensor
 
 
+class Flag(NamedTuple):
+    """An estimator option exposed on the command line as ``--name-with-dashes``.
+
+    `name` is also the estimator's constructor argument; `type` parses the flag's text.
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+
 def register(cls):
     """Class decorator: make an estimator available by its `name` (CLI `--estimator`)."""
     _REGISTRY[cls.name] = cls
@@ -51,11 +63,24 @@ def names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def get(name: str, **kwargs) -> "Estimator":
-    """An estimator instance by name, e.g. ``get("maml")``."""
+def get_class(name: str) -> type["Estimator"]:
     if name not in _REGISTRY:
         raise ValueError(f"estimator={name!r} is not valid: expected one of {list(names())}.")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def get(name: str, **kwargs) -> "Estimator":
+    """An estimator instance by name, e.g. ``get("maml")`` or ``get("reuse", window=4)``."""
+    return get_class(name)(**kwargs)
+
+
+def all_flags() -> list[Flag]:
+    """Every registered estimator's flags, once each (estimators may share a flag)."""
+    seen: dict[str, Flag] = {}
+    for name in names():
+        for flag in _REGISTRY[name].flags:
+            seen.setdefault(flag.name, flag)
+    return list(seen.values())
 
 
 def zeros_for_none(grads: Sequence, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -72,6 +97,8 @@ class Estimator(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    #: options of this estimator exposed by `tfmeta train` and `tfmeta bench`.
+    flags: ClassVar[tuple[Flag, ...]] = ()
     #: whether the estimator differentiates through the inner loop (second order).
     second_order: ClassVar[bool] = False
 
