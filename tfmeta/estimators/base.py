@@ -114,6 +114,18 @@ class Estimator(abc.ABC):
         """Names of the metrics :meth:`task_gradient` returns (fixed, for the task loop)."""
         return learner.metric_names
 
+    def adapted_params(self, learner: MetaLearner, meta, task: Task, observer=None):
+        """The task's adapted parameters as this estimator differentiates them.
+
+        Second-order estimators keep the inner gradients differentiable; others stop them.
+        Estimators that change the inner dynamics (e.g. gradient reuse) override this, and
+        wrappers (e.g. linearity regularizers) call it with an `observer` to get trajectory
+        statistics: then it returns ``(params, accumulator)``.
+        """
+        return learner.adapt(
+            meta, task.support_x, task.support_y, second_order=self.second_order, observer=observer
+        )
+
     @abc.abstractmethod
     def task_gradient(
         self, learner: MetaLearner, meta_values: list[tf.Tensor], task: Task

@@ -30,7 +30,7 @@ class FirstOrderMAML(Estimator):
 
     def task_gradient(self, learner, meta_values, task):
         meta = learner.unflatten(meta_values)
-        params = learner.adapt(meta, task.support_x, task.support_y, second_order=False)
+        params = self.adapted_params(learner, meta, task)
         params = [tf.stop_gradient(p) for p in params]
         with tf.GradientTape() as tape:
             tape.watch(params)

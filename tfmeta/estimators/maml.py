@@ -30,7 +30,7 @@ class MAML(Estimator):
         with tf.GradientTape() as tape:
             tape.watch(meta_values)
             meta = learner.unflatten(meta_values)
-            params = learner.adapt(meta, task.support_x, task.support_y, second_order=True)
+            params = self.adapted_params(learner, meta, task)
             loss, metrics = learner.outer_loss(params, meta, task.query_x, task.query_y)
         grads = tape.gradient(loss, meta_values)
         return loss, zeros_for_none(grads, meta_values), metrics

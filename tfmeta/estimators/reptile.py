@@ -29,7 +29,7 @@ class Reptile(Estimator):
 
     def task_gradient(self, learner, meta_values, task):
         meta = learner.unflatten(meta_values)
-        params = learner.adapt(meta, task.support_x, task.support_y, second_order=False)
+        params = self.adapted_params(learner, meta, task)
         loss, metrics = learner.outer_loss(params, meta, task.query_x, task.query_y)
         grads = [tf.stop_gradient(theta - phi) for theta, phi in zip(meta.init, params)]
         return tf.stop_gradient(loss), grads, metrics
