@@ -89,7 +89,7 @@ def _add_train_flags(p):
                    help="weights adapted in the inner loop: all (MAML), head (ANIL), body (BOIL)")
     p.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="Adam meta learning rate")
     p.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-step (default 32; 25 for sinusoid)")
-    p.add_argument("--iterations", type=_positive_int, default=None, help="meta-steps (default 2000; 10000 for sinusoid)")
+    p.add_argument("--iterations", type=_positive_int, default=None, help="meta-steps (default 2000; 20000 for sinusoid)")
     p.add_argument("--seed", type=int, default=0)
     _add_estimator_flags(p)
 

@@ -21,7 +21,7 @@ from tfmeta.learner import MetaLearner
 #: Defaults that depend on the dataset (Finn et al.'s settings, shortened to fit CPU budgets).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "sinusoid": dict(model="mlp", ways=1, shots=5, query=10, inner_steps=1, inner_lr=0.01,
-                     meta_batch=25, iterations=10000),
+                     meta_batch=25, iterations=20000),
     "omniglot": dict(model="conv4", ways=5, shots=1, query=15, inner_steps=5, inner_lr=0.4,
                      meta_batch=32, iterations=2000),
 }
