@@ -14,6 +14,7 @@ setup(
         "keras>=3.10",
         "numpy>=1.26",
         "tensorflow-datasets>=4.9",
+        "tensorboard>=2.20",  # tf.summary for the TensorBoard callback
     ],
     extras_require={
         # CPU-only TensorFlow (small wheel); the default for laptops, CI and this project's machines.

@@ -11,7 +11,7 @@ import tensorflow as tf
 import keras
 
 from conftest import classification_tasks, small_dense
-from tfmeta import evaluation, export, models
+from tfmeta import evaluation, models
 from tfmeta.data import SinusoidTasks
 from tfmeta.learner import MetaLearner
 from tfmeta.training import MetaTrainer, NonFiniteMetaStepError
@@ -90,23 +90,6 @@ def test_first_order_estimators_refuse_meta_sgd():
             MetaTrainer(learner, name)
     with pytest.raises(ValueError, match="estimator"):
         MetaTrainer(learner, "bogus")
-
-
-def test_export_versions_and_serving(tmp_path):
-    model = small_dense()
-    first = export.export_model(model, str(tmp_path), "toy")
-    second = export.export_model(model, str(tmp_path), "toy")
-    assert [os.path.basename(first), os.path.basename(second)] == ["1", "2"]
-    assert export.versions(os.path.join(tmp_path, "toy")) == [1, 2]
-    assert not [d for d in os.listdir(tmp_path / "toy") if d.startswith(".tmp")]
-    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
-    served = tf.saved_model.load(second).signatures["serving_default"]
-    (out,) = served(tf.constant(x)).values()
-    np.testing.assert_allclose(out.numpy(), model(x).numpy(), rtol=1e-5)
-    reloaded = keras.models.load_model(os.path.join(second, "model.keras"))
-    np.testing.assert_allclose(reloaded(x), model(x), rtol=1e-6)
-    with pytest.raises(ValueError, match="name"):
-        export.export_model(model, str(tmp_path), "../escape")
 
 
 def test_repeated_second_order_steps_on_large_activations():

@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--export-dir", default="saved_models", help="where the learned initialization is exported")
     train.add_argument("--no-export", action="store_true")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--steps-per-epoch", type=_positive_int, default=1000,
+                       help="meta-steps between validations (Keras epochs)")
+    train.add_argument("--validation-batches", type=_positive_int, default=2,
+                       help="task batches of the val split evaluated after each epoch")
+    train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                       help="do not write TensorBoard logs to RUNDIR/logs")
     _add_runtime_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="adapt to held-out episodes: mean and 95% CI")
@@ -121,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--run", default=None, help="run directory (default: the newest under runs/)")
     export.add_argument("--export-dir", default="saved_models")
     export.add_argument("--name", default=None, help="model name (default <dataset>_<estimator>)")
+    export.add_argument("--adapt-on", default=None, metavar="SUPPORT.npz",
+                        help="export the model adapted to one task: an .npz with support_x and support_y")
 
     bench = sub.add_parser("bench", help="time one meta-step configuration (conv4 on random inputs)")
     from tfmeta.bench import ESTIMATORS
@@ -214,18 +222,25 @@ def cmd_train(args) -> dict:
         checkpoint_dir=os.path.join(run_dir, "checkpoints"),
         checkpoint_every=args.checkpoint_every,
     )
+    callbacks = [keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True)]
+    if args.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")))
     began = time.monotonic()
     history = trainer.fit(
         train_tasks,
         config.iterations,
         time_budget=args.time_budget or None,
         progress=not args.no_progress,
+        callbacks=callbacks,
+        steps_per_epoch=args.steps_per_epoch,
+        validation_data=build_sampler(config, "val", seed=config.seed + 2),
+        validation_steps=args.validation_batches,
     )
     seconds = time.monotonic() - began
     result = evaluation.evaluate(learner, test_tasks, episodes=args.episodes)
     exported = None
     if not args.no_export:
-        exported = export.export_model(learner.model, args.export_dir, f"{config.dataset}_{config.estimator}")
+        exported = export.export_adapter(learner, args.export_dir, f"{config.dataset}_{config.estimator}")
     steps = int(trainer.step)
     print(f"meta-trained {steps} steps in {seconds:.1f}s; run directory {run_dir}"
           + (f"; exported {exported}" if exported else ""))
@@ -249,7 +264,20 @@ def cmd_export(args) -> dict:
     from tfmeta import export
 
     run_dir, config, learner = _load_run(args.run)
-    path = export.export_model(learner.model, args.export_dir, args.name or f"{config.dataset}_{config.estimator}")
+    name = args.name or f"{config.dataset}_{config.estimator}"
+    if args.adapt_on is None:
+        path = export.export_adapter(learner, args.export_dir, name)
+    else:
+        import numpy as np
+
+        if not os.path.isfile(args.adapt_on):
+            raise ValueError(f"--adapt-on={args.adapt_on!r} is not a file.")
+        with np.load(args.adapt_on) as support:
+            missing = {"support_x", "support_y"} - set(support.files)
+            if missing:
+                raise ValueError(f"--adapt-on={args.adapt_on!r} lacks arrays {sorted(missing)}.")
+            path = export.export_adapted(learner, support["support_x"], support["support_y"],
+                                         args.export_dir, args.name or f"{name}_adapted")
     print(f"exported {run_dir} to {path}")
     return {"run_dir": run_dir, "export": path}
 

@@ -23,25 +23,35 @@ def mean_ci95(values) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
 
 
-def _per_task_scores(learner: MetaLearner, steps: int | None):
-    """A compiled fn(task batch) -> [M, 4 or 2] scores per task: pre/post loss (and accuracy)."""
+def score_names(learner: MetaLearner) -> list[str]:
+    """Names of :func:`task_scores`, in order."""
+    names = ["loss_before", "loss_after"]
+    for m in learner.metric_names:
+        names += [f"{m}_before", f"{m}_after"]
+    return names
 
-    def one_task(task):
-        sx, sy, qx, qy = task
-        meta = learner.unflatten(learner.meta_values())
-        pre_loss, pre_metrics = learner.outer_loss(meta.init, meta, qx, qy)
-        params = learner.adapt(meta, sx, sy, second_order=False, steps=steps)
-        post_loss, post_metrics = learner.outer_loss(params, meta, qx, qy)
-        scores = [pre_loss, post_loss]
-        if "accuracy" in pre_metrics:
-            scores += [pre_metrics["accuracy"], post_metrics["accuracy"]]
-        return tf.stack([tf.cast(s, tf.float64) for s in scores])
 
-    @tf.function(reduce_retracing=True)
-    def batch_scores(*tasks):
-        return tf.map_fn(one_task, tuple(tasks), fn_output_signature=tf.float64)
+def task_scores(learner: MetaLearner, task, steps: int | None = None) -> tf.Tensor:
+    """Query loss (and metrics) of one task before and after adaptation, as a vector.
 
-    return batch_scores
+    Ordered as :func:`score_names`; the adaptation runs `steps` (default T) inner steps on the
+    support set from the current meta-parameters, without any outer tape.
+    """
+    sx, sy, qx, qy = task
+    meta = learner.unflatten(learner.meta_values())
+    before, before_metrics = learner.outer_loss(meta.init, meta, qx, qy)
+    params = learner.adapt(meta, sx, sy, second_order=False, steps=steps)
+    after, after_metrics = learner.outer_loss(params, meta, qx, qy)
+    row = [before, after]
+    for m in learner.metric_names:
+        row += [before_metrics[m], after_metrics[m]]
+    return tf.stack([tf.cast(v, learner.dtype) for v in row])
+
+
+def batch_scores(learner: MetaLearner, tasks, steps: int | None = None) -> tf.Tensor:
+    """[M, len(score_names)] scores of a batch of tasks (a `tf.map_fn`: no tape, no growth in M)."""
+    return tf.map_fn(lambda t: task_scores(learner, t, steps), tuple(tasks),
+                     fn_output_signature=learner.dtype)
 
 
 def evaluate(
@@ -54,7 +64,7 @@ def evaluate(
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes={episodes!r} is not valid: expected an integer >= 1.")
-    scorer = _per_task_scores(learner, steps)
+    scorer = tf.function(lambda *tasks: batch_scores(learner, tasks, steps), reduce_retracing=True)
     rows = []
     index = start
     while sum(len(r) for r in rows) < episodes:
@@ -62,9 +72,7 @@ def evaluate(
         rows.append(scorer(*tasks).numpy())
         index += 1
     scores = np.concatenate(rows)[:episodes]
-    names = ["loss_before", "loss_after"]
-    if scores.shape[1] == 4:
-        names += ["accuracy_before", "accuracy_after"]
+    names = score_names(learner)
     result: dict[str, float] = {"episodes": episodes}
     for column, name in enumerate(names):
         result[name], result[f"{name}_ci95"] = mean_ci95(scores[:, column])

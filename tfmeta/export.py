@@ -20,6 +20,7 @@ import uuid
 from tfmeta import _backend  # noqa: F401
 
 import keras
+import tensorflow as tf
 
 
 def versions(root: str) -> list[int]:
@@ -29,21 +30,15 @@ def versions(root: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(root) if d.isdigit())
 
 
-def export_model(model: keras.Model, base_dir: str, name: str) -> str:
-    """Write `model` as ``base_dir/name/<next version>/`` atomically; returns that path.
-
-    Example:
-        >>> path = export_model(learner.model, "saved_models", "sinusoid_maml")
-        >>> served = tf.saved_model.load(path).signatures["serving_default"]
-    """
+def _write_version(base_dir: str, name: str, write) -> str:
+    """Run ``write(tmp_dir)`` and rename tmp_dir to ``base_dir/name/<next version>`` atomically."""
     if not name or os.sep in name or name.startswith("."):
         raise ValueError(f"name={name!r} is not valid: expected a non-empty directory name.")
     root = os.path.join(base_dir, name)
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f".tmp-{uuid.uuid4().hex}")
     try:
-        model.export(tmp, format="tf_saved_model", verbose=False)
-        model.save(os.path.join(tmp, "model.keras"))
+        write(tmp)
         while True:
             target = os.path.join(root, str((versions(root) or [0])[-1] + 1))
             try:
@@ -55,3 +50,118 @@ def export_model(model: keras.Model, base_dir: str, name: str) -> str:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_model(model: keras.Model, base_dir: str, name: str) -> str:
+    """Write a plain Keras model as ``base_dir/name/<next version>/`` atomically; returns the path.
+
+    The version holds a SavedModel (``serving_default``, inference mode) and ``model.keras``.
+
+    Example:
+        >>> path = export_model(adapted_model, "saved_models", "omniglot_task_17")
+        >>> served = tf.saved_model.load(path).signatures["serving_default"]
+    """
+
+    def write(tmp):
+        model.export(tmp, format="tf_saved_model", verbose=False)
+        model.save(os.path.join(tmp, "model.keras"))
+
+    return _write_version(base_dir, name, write)
+
+
+def export_adapted(learner, support_x, support_y, base_dir: str, name: str, steps: int | None = None) -> str:
+    """Adapt to one task's support set and export that model for plain serving.
+
+    ``base_dir/name/<next version>/`` holds a SavedModel whose ``serving_default(x)`` predicts with
+    the adapted weights (BatchNorm as the learner's policy, like `adapt_and_predict`), and
+    ``model.keras``, a plain Keras model holding the adapted weights.
+    """
+    from tfmeta.keras_model import MetaModel
+
+    adapted_model = MetaModel(learner).adapt(support_x, support_y, steps=steps)
+    module = _Adapter(learner, adapted=[v.value for v in adapted_model.trainable_variables])
+
+    def write(tmp):
+        tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve.get_concrete_function()})
+        adapted_model.save(os.path.join(tmp, "model.keras"))
+
+    return _write_version(base_dir, name, write)
+
+
+class _Adapter(tf.Module):
+    """The serving graph of a meta-learned model: predict at the initialization, or adapt first."""
+
+    def __init__(self, learner, adapted=None):
+        super().__init__(name="tfmeta_adapter")
+        model = learner.model
+        # Parameters adapted to one task (served instead of the initialization), if given.
+        self.adapted = [tf.Variable(p, trainable=False) for p in adapted] if adapted is not None else None
+        # Track the TensorFlow variables behind the Keras variables the functions read.
+        self.meta_variables = [v.value for v in learner.meta_variables]
+        self.state_variables = [v.value for v in model.non_trainable_variables]
+        self.learner = learner
+        features = tuple(model.inputs[0].shape[1:])
+        dtype = learner.dtype
+        self.output_key = "logits" if learner.task == "classification" else "predictions"
+        x_spec = tf.TensorSpec((None,) + features, dtype, name="x")
+        if learner.task == "classification":
+            y_spec = tf.TensorSpec((None,), tf.int32, name="support_y")
+            self.num_classes = int(model.outputs[0].shape[-1])
+        else:
+            y_spec = tf.TensorSpec((None,) + tuple(model.outputs[0].shape[1:]), dtype, name="support_y")
+        sx_spec = tf.TensorSpec((None,) + features, dtype, name="support_x")
+        qx_spec = tf.TensorSpec((None,) + features, dtype, name="query_x")
+        self.serve = tf.function(self._serve, input_signature=[x_spec])
+        self.adapt_and_predict = tf.function(self._adapt_and_predict, input_signature=[sx_spec, y_spec, qx_spec])
+
+    def _serve(self, x):
+        learner = self.learner
+        if self.adapted is not None:
+            return {self.output_key: learner.fmodel([tf.convert_to_tensor(v) for v in self.adapted], x)}
+        meta = learner.unflatten(learner.meta_values())
+        return {self.output_key: learner.fmodel(meta.init, x)}
+
+    def _adapt_and_predict(self, support_x, support_y, query_x):
+        learner = self.learner
+        checks = [tf.debugging.assert_equal(
+            tf.shape(support_x)[0], tf.shape(support_y)[0],
+            message="support_x and support_y must hold the same number of examples")]
+        if learner.task == "classification":
+            checks += [
+                tf.debugging.assert_non_negative(support_y, message="support_y labels must be >= 0"),
+                tf.debugging.assert_less(
+                    support_y, self.num_classes,
+                    message=f"support_y labels must be class indices 0..{self.num_classes - 1}"),
+            ]
+        with tf.control_dependencies(checks):
+            support_x = tf.identity(support_x)
+        meta = learner.unflatten(learner.meta_values())
+        params = learner.adapt(meta, support_x, support_y, second_order=False)
+        return {self.output_key: learner.fmodel(params, query_x)}
+
+
+def export_adapter(learner, base_dir: str, name: str) -> str:
+    """Export a few-shot model that adapts per request inside the serving graph.
+
+    ``base_dir/name/<next version>/`` holds a SavedModel with two signatures and ``model.keras``:
+
+    - ``serving_default(x) -> {"logits"}``: predictions at the meta-learned initialization;
+    - ``adapt_and_predict(support_x, support_y, query_x) -> {"logits"}``: the learner's inner loop
+      (its optimizer, learned rates and T steps) runs on the support set in the graph, then the
+      adapted model predicts the query set. Labels must be int32 class indices 0..N-1; bad shapes or
+      labels fail in the graph with a clear message.
+
+    Regression learners use the key ``"predictions"`` instead of ``"logits"``. BatchNorm follows the
+    learner's policy (batch statistics by default, as in meta-training). Loading needs only
+    TensorFlow: ``tf.saved_model.load(path).signatures["adapt_and_predict"]``.
+    """
+    module = _Adapter(learner)
+
+    def write(tmp):
+        tf.saved_model.save(module, tmp, signatures={
+            "serving_default": module.serve.get_concrete_function(),
+            "adapt_and_predict": module.adapt_and_predict.get_concrete_function(),
+        })
+        learner.model.save(os.path.join(tmp, "model.keras"))
+
+    return _write_version(base_dir, name, write)

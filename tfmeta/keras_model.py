@@ -1,0 +1,223 @@
+"""Keras-native meta-training: `MetaModel`, a `keras.Model` whose `fit` meta-learns.
+
+`MetaModel` wraps a :class:`~tfmeta.learner.MetaLearner` (or builds one around a Keras model) and
+an estimator. `fit` runs Keras' own training loop, so every Keras callback works (History,
+ProgbarLogger, TensorBoard, ModelCheckpoint, EarlyStopping, CSVLogger, user callbacks); each
+training step is one meta-step: the estimator's meta-gradient over a batch of tasks, applied by
+the compiled meta-optimizer to the meta-parameters. `evaluate` adapts to each task of its data and
+reports the query loss (and accuracy) after and before adaptation. `adapt` returns a plain Keras
+model holding the weights adapted to one task.
+
+Data: a task sampler (anything with ``dataset(start)``, e.g. `tfmeta.data.make_sampler(...)`) or a
+`tf.data.Dataset` of task batches ``(support_x, support_y, query_x, query_y)``.
+
+Example:
+    >>> meta = MetaModel(tfmeta.models.conv4(5), inner_lr=0.4, inner_steps=5)
+    >>> meta.compile(optimizer=keras.optimizers.Adam(1e-3), estimator="maml")
+    >>> meta.fit(train_sampler, epochs=10, steps_per_epoch=100,
+    ...          validation_data=val_sampler, callbacks=[keras.callbacks.CSVLogger("log.csv")])
+    >>> adapted = meta.adapt(support_x, support_y)      # a plain keras.Model
+    >>> adapted.predict(query_x)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from tfmeta import _backend  # noqa: F401
+
+import keras
+import tensorflow as tf
+
+from tfmeta import estimators, evaluation
+from tfmeta.learner import MetaLearner
+
+FIELDS = ("support_x", "support_y", "query_x", "query_y")
+#: Marker in the in-graph assertion message of a non-finite meta-step.
+NONFINITE_MARKER = "tfmeta: non-finite meta-loss or meta-gradient"
+
+
+def task_dataset(data, *, start: int = 0, steps: int | None = None) -> tf.data.Dataset:
+    """Task batches as a `tf.data.Dataset` of dicts keyed by :data:`FIELDS` (Keras' "x").
+
+    `data` is a sampler (``dataset(start)``) or a `tf.data.Dataset` of 4-tuples; `steps` takes
+    that many batches (a finite dataset, e.g. for validation).
+    """
+    if hasattr(data, "dataset"):
+        data = data.dataset(start=start)
+    elif not isinstance(data, tf.data.Dataset):
+        raise TypeError(
+            "data must be a task sampler (with .dataset()) or a tf.data.Dataset of "
+            f"(support_x, support_y, query_x, query_y) batches, got {type(data).__name__}."
+        )
+    spec = data.element_spec
+    if not isinstance(spec, dict):
+        data = data.map(lambda *t: dict(zip(FIELDS, t[0] if len(t) == 1 else t)))
+    return data.take(steps) if steps is not None else data
+
+
+def _tasks(data) -> tuple:
+    if isinstance(data, tuple) and len(data) in (2, 3) and isinstance(data[0], dict):
+        data = data[0]  # Keras' (x, y, sample_weight) with y and sample_weight absent
+    if isinstance(data, dict):
+        return tuple(data[k] for k in FIELDS)
+    return tuple(data)
+
+
+class MetaModel(keras.Model):
+    """A Keras model whose training step is a meta-step (see module docstring).
+
+    Args:
+        learner: a MetaLearner, or a Keras model from which one is built with `learner_kwargs`
+            (task, inner_optimizer, inner_lr, inner_steps, adapt, batchnorm, meta_sgd, ...).
+    """
+
+    def __init__(self, learner, *, name: str = "meta_model", **learner_kwargs):
+        super().__init__(name=name)
+        if not isinstance(learner, MetaLearner):
+            learner = MetaLearner(learner, **learner_kwargs)
+        elif learner_kwargs:
+            raise ValueError(
+                f"learner options {sorted(learner_kwargs)} were given with a ready MetaLearner."
+            )
+        self.learner = learner
+        self.base_model = learner.model
+        self.meta_sgd_rates = list(learner.lr_variables)
+        self.meta_network = learner.meta_network
+        self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
+        self.estimator = None
+        self.clip_norm = None
+        self.built = True
+
+    # -- Keras plumbing --------------------------------------------------------------------------
+    def call(self, x, training=False):
+        """Predictions at the meta-learned parameters (BatchNorm as the learner's policy)."""
+        fmodel = self.learner.fmodel
+        return fmodel(fmodel.parameters(), x)
+
+    def compile(self, optimizer="adam", estimator="maml", *, clip_norm: float | None = None, **kwargs):
+        """Configure meta-training.
+
+        Args:
+            optimizer: the meta-optimizer (a Keras optimizer or its name).
+            estimator: an Estimator or its name ("maml", "fomaml", "reptile", ...).
+            clip_norm: clip the meta-gradient to this global norm (None: no clipping).
+        """
+        kwargs.setdefault("jit_compile", False)  # XLA never finished compiling MAML on CPU
+        super().compile(optimizer=optimizer, **kwargs)
+        if isinstance(estimator, str):
+            estimator = estimators.get(estimator)
+        if not isinstance(estimator, estimators.Estimator):
+            raise TypeError(f"estimator must be a name or an Estimator, got {type(estimator).__name__}.")
+        estimator.check(self.learner)
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm={clip_norm!r} is not valid: expected a number > 0.")
+        self.estimator = estimator
+        self.clip_norm = clip_norm
+        self.optimizer.build(self.learner.meta_variables)
+        names = ("loss",) + tuple(estimator.metric_names(self.learner))
+        test_names = ("loss", "loss_before") + sum(
+            ((m, f"{m}_before") for m in self.learner.metric_names), ()
+        )
+        self._trackers = {n: keras.metrics.Mean(name=n) for n in dict.fromkeys(names + test_names)}
+        self._train_names, self._test_names = names, test_names
+
+    @property
+    def metrics(self):
+        return list(getattr(self, "_trackers", {}).values())
+
+    def _log(self, names: Sequence[str], values: dict) -> dict:
+        for n in names:
+            self._trackers[n].update_state(values[n])
+        return {n: self._trackers[n].result() for n in names}
+
+    # -- steps -----------------------------------------------------------------------------------
+    def train_step(self, data):
+        """One meta-step: estimator meta-gradient -> checks -> meta-optimizer update."""
+        if self.estimator is None:
+            raise RuntimeError("MetaModel must be compiled (compile(optimizer, estimator)) before fit.")
+        tasks = _tasks(data)
+        result = self.estimator.meta_gradient(self.learner, tasks)
+        grads = list(result.grads)
+        finite = tf.math.is_finite(result.loss)
+        for g in grads:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
+        check = tf.debugging.Assert(
+            finite,
+            [f"{NONFINITE_MARKER} with estimator {self.estimator.name!r} at meta-step",
+             self.meta_step + 1, "loss", result.loss],
+        )
+        with tf.control_dependencies([check]):
+            if self.clip_norm is not None:
+                grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
+            grads = [tf.identity(g) for g in grads]
+            self.meta_step.assign_add(1)  # nothing changes unless the check passed
+        self.optimizer.apply(grads, self.learner.meta_variables)
+        return self._log(self._train_names, {"loss": result.loss, **result.metrics})
+
+    def test_step(self, data):
+        """Adapt to every task of the batch; query loss/accuracy after and before adaptation."""
+        rows = tf.reduce_mean(evaluation.batch_scores(self.learner, _tasks(data)), 0)
+        values = {}
+        for k, name in enumerate(evaluation.score_names(self.learner)):
+            values[name[: -len("_after")] if name.endswith("_after") else name] = rows[k]
+        return self._log(self._test_names, values)
+
+    # -- data and adaptation ---------------------------------------------------------------------
+    def fit(self, x=None, *, epochs=1, steps_per_epoch=None, validation_data=None,
+            validation_steps=None, initial_step: int | None = None, **kwargs):
+        """Keras `fit` on task batches; a sampler's stream starts at the meta-step reached.
+
+        `steps_per_epoch` is required for endless samplers (default 100); `validation_data` may
+        be a sampler (then `validation_steps` batches, default 10, the same every epoch).
+        """
+        start = int(self.meta_step.numpy()) if initial_step is None else initial_step
+        if hasattr(x, "dataset") and steps_per_epoch is None:
+            steps_per_epoch = 100
+        if validation_data is not None and hasattr(validation_data, "dataset"):
+            validation_steps = validation_steps or 10
+            validation_data = task_dataset(validation_data, steps=validation_steps)
+        kwargs.setdefault("shuffle", False)  # a task stream is already random and resumable
+        return super().fit(
+            task_dataset(x, start=start), epochs=epochs, steps_per_epoch=steps_per_epoch,
+            validation_data=validation_data, validation_steps=validation_steps, **kwargs,
+        )
+
+    def evaluate(self, x=None, *, steps=None, **kwargs):
+        """Keras `evaluate` on task batches (a sampler needs `steps`, default 10)."""
+        if hasattr(x, "dataset"):
+            steps = steps or 10
+            x = task_dataset(x, steps=steps)
+        elif isinstance(x, tf.data.Dataset):
+            x = task_dataset(x)
+        return super().evaluate(x, steps=steps, **kwargs)
+
+    def adapt(self, support_x, support_y, steps: int | None = None) -> keras.Model:
+        """A plain Keras model (a clone of the base model) holding the weights adapted to one task.
+
+        Example:
+            >>> adapted = meta.adapt(support_x, support_y)
+            >>> logits = adapted(query_x, training=True)  # BatchNorm: batch statistics, as in training
+        """
+        learner = self.learner
+        sx = tf.convert_to_tensor(support_x, learner.dtype)
+        sy = tf.convert_to_tensor(support_y)
+        if sx.shape.rank is None or sy.shape.rank is None or sx.shape[0] != sy.shape[0]:
+            raise ValueError(
+                f"support_x {sx.shape} and support_y {sy.shape} must hold the same number of examples."
+            )
+        params = _adapt_fn(learner, steps)(sx, sy)
+        clone = keras.models.clone_model(self.base_model)
+        clone.set_weights(self.base_model.get_weights())
+        for variable, value in zip(clone.trainable_variables, params):
+            variable.assign(value)
+        return clone
+
+
+def _adapt_fn(learner: MetaLearner, steps: int | None):
+    @tf.function(reduce_retracing=True)
+    def adapt(sx, sy):
+        meta = learner.unflatten(learner.meta_values())
+        return learner.adapt(meta, sx, sy, second_order=False, steps=steps)
+
+    return adapt
