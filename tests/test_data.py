@@ -288,7 +288,7 @@ def test_load_synthetic_archive_splits_and_cache(tmp_path, cache):
     images, labels = splits["train"]
     assert images.shape == (3 * 2 * 4 * 3, 12, 12, 1) and images.dtype == np.float32
     assert labels.dtype == np.int32
-    assert 0 < images.mean() < 0.2 and images.max() > 0.9, "ink must be 1 on a 0 background"
+    assert 0.8 < images.mean() < 1 and images.min() < 0.1, "background 1, ink 0, as in the PNGs"
     files = sorted(os.listdir(cache))
     assert len(files) == 1 and files[0].endswith(".npz") and "12px" in files[0]
     again = load_omniglot(data, image_size=12)
@@ -324,7 +324,7 @@ def test_tfds_examples_are_converted_like_archives():
     archive = _tfds_archive(tf.data.Dataset.from_tensor_slices(examples), ["Aa", "Bb"], 28)
     assert archive.characters.tolist() == ["Aa/character01", "Bb/character05"]
     assert archive.char_ids.tolist() == [0, 1, 1]
-    want = tf.image.resize(1.0 - tf.cast(gray, tf.float32) / 255.0, (28, 28), method="area")
+    want = tf.image.resize(tf.cast(gray, tf.float32) / 255.0, (28, 28), method="area")
     np.testing.assert_allclose(archive.images[0], want.numpy(), atol=1e-6)
 
 
@@ -400,7 +400,7 @@ def test_real_omniglot_split_sizes_and_ranges(omniglot):
         assert images.shape == (len(labels), 28, 28, 1) and images.dtype == np.float32
         assert labels.dtype == np.int32
         assert images.min() >= 0 and images.max() <= 1
-        assert 0.02 < images.mean() < 0.3, "strokes must be 1 on a 0 background"
+        assert 0.7 < images.mean() < 0.98, "background 1, strokes 0, as in the PNGs"
         total += len(classes)
     assert total == 136 * 4 == 544
     ids = [set(labels.tolist()) for _, labels in splits.values()]
@@ -415,7 +415,7 @@ def test_real_omniglot_splits_follow_alphabets(omniglot):
         for name, alphabet in firsts.items():
             prefix = f"images_background_small1/{alphabet}/character01/"
             member = sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(".png"))[0]
-            ink = 1.0 - tf.cast(tf.io.decode_png(zf.read(member), channels=1), tf.float32) / 255.0
+            ink = tf.cast(tf.io.decode_png(zf.read(member), channels=1), tf.float32) / 255.0
             want = tf.image.resize(ink, (28, 28), method="area").numpy()
             np.testing.assert_allclose(splits[name][0][0], want, atol=1e-6)
 

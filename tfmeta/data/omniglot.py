@@ -24,7 +24,7 @@ layout       train                                     val               test
 
 A class is (alphabet, character, rotation): with ``rotations=True`` every character gives
 4 classes rotated by 0/90/180/270 degrees (Finn et al., 2017), all in the character's split.
-Images are float32 in [0, 1] with ink = 1 (the PNGs are inverted), area-resized to
+Images are float32 in [0, 1] as decoded from the original PNGs (background 1, ink 0), area-resized to
 ``image_size``. Class ids are unique across the three splits (train first, then val, then
 test); within a split the ids are consecutive, and with rotations id ``first + 4*c + k`` is
 character ``c`` rotated by ``np.rot90(image, k)``. Rows are grouped by class in ascending
@@ -76,7 +76,7 @@ SPLITS = {
     },
 }
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _DECODE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, tf.errors.OpError)
 
 
@@ -233,8 +233,11 @@ def _nonempty(entries: list, path: str, name: str) -> list:
 
 @tf.function(reduce_retracing=True)
 def _png_to_ink(png: tf.Tensor, image_size: tf.Tensor) -> tf.Tensor:
-    """PNG bytes -> float32 [S, S, 1] in [0, 1], strokes = 1."""
-    ink = 1.0 - tf.cast(tf.io.decode_png(png, channels=1), tf.float32) / 255.0
+    """PNG bytes -> float32 [S, S, 1] in [0, 1] as the PNG has it: background 1, strokes 0.
+
+    This is the documented input of exported models (README, Serving): no inversion to undo.
+    """
+    ink = tf.cast(tf.io.decode_png(png, channels=1), tf.float32) / 255.0
     resized = tf.image.resize(ink, tf.stack([image_size, image_size]), method="area")
     return tf.clip_by_value(resized, 0.0, 1.0)
 
@@ -307,7 +310,7 @@ def _load_tfds(image_size: int) -> dict:
 
 def _tfds_archive(ds: tf.data.Dataset, alphabet_names: list, image_size: int) -> _Archive:
     def convert(ex):
-        ink = 1.0 - tf.cast(ex["image"][..., :1], tf.float32) / 255.0
+        ink = tf.cast(ex["image"][..., :1], tf.float32) / 255.0
         return tf.image.resize(ink, (image_size, image_size), method="area"), ex["alphabet"], ex[
             "alphabet_char_id"
         ]
