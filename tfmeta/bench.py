@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmeta import estimators, models
+from tfmeta import estimators, models, runtime
 from tfmeta.learner import MetaLearner
 from tfmeta.training import MetaTrainer
 
@@ -79,6 +79,7 @@ def run(
     parallel_tasks: int = 2,
     seed: int = 0,
     options: dict | None = None,
+    strategy: str = "default",
 ) -> dict:
     """Time `steps` meta-steps after one compile-and-run call; returns the figures as a dict."""
     if estimator not in ESTIMATORS:
@@ -89,13 +90,18 @@ def run(
                         ("meta_batch", meta_batch), ("steps", steps)):
         if value < 1:
             raise ValueError(f"{name}={value!r} is not valid: expected an integer >= 1.")
-    keras.utils.set_random_seed(seed)
-    net = models.conv4(ways)
+    strat = runtime.make_strategy(strategy)
+    runtime.check_split(meta_batch, strat)
+    if estimator == "plain" and strategy != "default":
+        raise ValueError("estimator='plain' is timed without a strategy: use strategy='default'.")
     tasks = random_tasks(meta_batch, ways, shots, query, seed=seed)
-    if estimator == "plain":
-        call = _plain_step(net, tasks)
-    else:
-        call = _meta_step(net, tasks, estimator, inner_steps, unroll, parallel_tasks, options or {})
+    with strat.scope():
+        keras.utils.set_random_seed(seed)
+        net = models.conv4(ways)
+        if estimator == "plain":
+            call = _plain_step(net, tasks)
+        else:
+            call = _meta_step(net, tasks, estimator, inner_steps, unroll, parallel_tasks, options or {})
     began = time.perf_counter()
     call()
     first = time.perf_counter() - began
@@ -116,6 +122,8 @@ def run(
         "unroll": unroll,
         "parallel_tasks": parallel_tasks,
         "options": options or {},
+        "strategy": strategy,
+        "replicas": strat.num_replicas_in_sync,
         "steps": steps,
         "seconds_per_step_median": median,
         "seconds_per_step_min": min(times),

@@ -44,7 +44,12 @@ def _threads(text: str):
     return text if text == "auto" else int(text)
 
 
-def _add_runtime_flags(p):
+def _add_runtime_flags(p, distribute=True):
+    if distribute:
+        p.add_argument("--strategy", default="default", choices=runtime.STRATEGIES,
+                       help="tf.distribute strategy: the meta-batch's tasks are split across replicas")
+        p.add_argument("--cpu-devices", type=_positive_int, default=1,
+                       help="split the CPU into this many logical devices (replicas on a CPU-only machine)")
     p.add_argument("--intra-op-threads", type=_threads, default="auto",
                    help="TensorFlow intra-op threads ('auto': 1 per op on CPU, tasks run side by side)")
     p.add_argument("--inter-op-threads", type=_threads, default="auto",
@@ -121,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--episodes", type=_positive_int, default=600)
     evaluate.add_argument("--inner-steps", type=_positive_int, default=None, help="adaptation steps (default: the run's)")
-    _add_runtime_flags(evaluate)
+    _add_runtime_flags(evaluate, distribute=False)
 
     export = sub.add_parser("export", help="export a run's learned initialization in TF Serving's layout")
     export.add_argument("--run", default=None, help="run directory (default: the newest under runs/)")
@@ -190,6 +195,7 @@ def _summary_line(result: dict, task: str) -> str:
 
 def cmd_train(args) -> dict:
     import keras
+    import tensorflow as tf
 
     from tfmeta import evaluation, export
     from tfmeta.config import RunConfig, build_estimator, build_learner, build_sampler
@@ -210,18 +216,24 @@ def cmd_train(args) -> dict:
         )
         if os.path.isfile(os.path.join(run_dir, "config.json")):
             raise ValueError(f"--out={run_dir!r} already holds a run: pass --resume {run_dir} to continue it.")
-    learner = build_learner(config)
+    strategy = runtime.make_strategy(args.strategy)
+    runtime.check_split(config.meta_batch, strategy)
+    chief = runtime.is_chief(strategy)
+    if not chief:  # other workers checkpoint beside the chief's run, and export nothing
+        run_dir = f"{run_dir.rstrip(os.sep)}-worker{strategy.cluster_resolver.task_id}"
     train_tasks = build_sampler(config, "train")
     test_tasks = build_sampler(config, "test", seed=config.seed + 1)
     os.makedirs(run_dir, exist_ok=True)
     config.save(os.path.join(run_dir, "config.json"))
-    trainer = MetaTrainer(
-        learner,
-        build_estimator(config),
-        keras.optimizers.Adam(config.meta_lr),
-        checkpoint_dir=os.path.join(run_dir, "checkpoints"),
-        checkpoint_every=args.checkpoint_every,
-    )
+    with strategy.scope():
+        learner = build_learner(config)
+        trainer = MetaTrainer(
+            learner,
+            build_estimator(config),
+            keras.optimizers.Adam(config.meta_lr),
+            checkpoint_dir=os.path.join(run_dir, "checkpoints"),
+            checkpoint_every=args.checkpoint_every,
+        )
     callbacks = [keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True)]
     if args.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")))
@@ -239,13 +251,16 @@ def cmd_train(args) -> dict:
     seconds = time.monotonic() - began
     result = evaluation.evaluate(learner, test_tasks, episodes=args.episodes)
     exported = None
-    if not args.no_export:
+    if not args.no_export and chief:
         exported = export.export_adapter(learner, args.export_dir, f"{config.dataset}_{config.estimator}")
-    steps = int(trainer.step)
+    steps = int(trainer.step.numpy())
     print(f"meta-trained {steps} steps in {seconds:.1f}s; run directory {run_dir}"
           + (f"; exported {exported}" if exported else ""))
     print(_summary_line(result, learner.task))
     return {"run_dir": run_dir, "steps": steps, "train_seconds": seconds, "export": exported,
+            "replicas": strategy.num_replicas_in_sync,
+            "meta_parameters_checksum": float(sum(float(tf.reduce_sum(tf.cast(v, tf.float64)))
+                                                  for v in learner.meta_variables)),
             "final_train_loss": history[-1]["loss"] if history else None, **result}
 
 
@@ -290,6 +305,7 @@ def cmd_bench(args) -> dict:
         meta_batch=args.meta_batch, inner_steps=args.inner_steps, steps=args.steps,
         unroll=args.unroll, parallel_tasks=args.parallel_tasks, seed=args.seed,
         options=estimator_options(args) if args.estimator != "plain" else {},
+        strategy=args.strategy,
     )
     if not args.json:
         print(f"{args.estimator}: {result['seconds_per_step_median']:.3f} s/step (median of {args.steps}), "
@@ -304,6 +320,8 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command != "export":
+        if getattr(args, "cpu_devices", 1) > 1:
+            runtime.split_cpu(args.cpu_devices)
         task_loop = not (args.command == "bench" and args.estimator == "plain")
         runtime.configure_threads(args.intra_op_threads, args.inter_op_threads, task_loop=task_loop)
     from tfmeta.training import NonFiniteMetaStepError

@@ -122,6 +122,12 @@ class MetaModel(keras.Model):
         self._trackers = {n: keras.metrics.Mean(name=n) for n in dict.fromkeys(names + test_names)}
         self._train_names, self._test_names = names, test_names
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # MetaModel and its optimizer are built at construction/compile. Keras' symbolic build
+        # would all-reduce a data batch across replicas first, which fails for dict batches under
+        # MultiWorkerMirroredStrategy; there is nothing for it to build.
+        return
+
     @property
     def metrics(self):
         return list(getattr(self, "_trackers", {}).values())
@@ -129,7 +135,12 @@ class MetaModel(keras.Model):
     def _log(self, names: Sequence[str], values: dict) -> dict:
         for n in names:
             self._trackers[n].update_state(values[n])
-        return {n: self._trackers[n].result() for n in names}
+        logs = {n: self._trackers[n].result() for n in names}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras reduces multi-worker logs with reduce("MEAN", axis=0), which needs a batch
+            # axis; the values are already global (metric states are synchronised).
+            logs = {n: tf.reshape(v, [1]) for n, v in logs.items()}
+        return logs
 
     # -- steps -----------------------------------------------------------------------------------
     def train_step(self, data):
@@ -138,7 +149,10 @@ class MetaModel(keras.Model):
             raise RuntimeError("MetaModel must be compiled (compile(optimizer, estimator)) before fit.")
         tasks = _tasks(data)
         result = self.estimator.meta_gradient(self.learner, tasks)
-        grads = list(result.grads)
+        # Under a tf.distribute strategy each replica holds the mean over its own tasks and the
+        # optimizer sums over replicas: dividing by the replica count gives the global mean.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        grads = [g / replicas for g in result.grads] if replicas > 1 else list(result.grads)
         finite = tf.math.is_finite(result.loss)
         for g in grads:
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))

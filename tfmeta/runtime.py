@@ -58,3 +58,63 @@ def disable_addn_scheduling() -> bool:
         return True
     except (ImportError, AttributeError, ValueError):  # pragma: no cover - other TF versions
         return False
+
+
+STRATEGIES = ("default", "mirrored", "multiworker")
+
+
+def split_cpu(devices: int) -> None:
+    """Split the CPU into `devices` logical devices (to run replicas on a CPU-only machine).
+
+    Must run before TensorFlow initialises its devices.
+    """
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"cpu_devices={devices!r} is not valid: expected an integer >= 1.")
+    if devices == 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+    except RuntimeError as err:
+        raise RuntimeError(f"cpu_devices={devices} must be set before TensorFlow starts: {err}") from None
+
+
+def make_strategy(name: str = "default") -> tf.distribute.Strategy:
+    """A `tf.distribute` strategy by name.
+
+    - "default": no distribution;
+    - "mirrored": one replica per GPU, or per logical CPU device when there is no GPU
+      (see :func:`split_cpu`);
+    - "multiworker": `MultiWorkerMirroredStrategy`, configured by the ``TF_CONFIG`` environment
+      variable as TensorFlow expects (README: two workers on one machine or a cluster).
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("strategy='multiworker' needs the TF_CONFIG environment variable (see README).")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"strategy={name!r} is not valid: expected one of {STRATEGIES}.")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes run outputs (always, except non-chief multi-worker workers)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "cluster_spec", lambda: None)():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0)
+
+
+def check_split(meta_batch: int, strategy: tf.distribute.Strategy) -> None:
+    """The meta-batch must split evenly over the replicas (each replica runs M/R tasks)."""
+    replicas = strategy.num_replicas_in_sync
+    if meta_batch % replicas:
+        raise ValueError(
+            f"meta_batch={meta_batch} cannot be split evenly over {replicas} replicas: "
+            f"use a multiple of {replicas}."
+        )
