@@ -57,9 +57,10 @@ def _plain_step(model, tasks):
     return lambda: float(step())
 
 
-def _meta_step(model, tasks, estimator, inner_steps, unroll, parallel_tasks, options):
+def _meta_step(model, tasks, estimator, inner_steps, unroll, parallel_tasks, options, linearity_metrics):
     learner = MetaLearner(model, inner_lr=0.4, inner_steps=inner_steps, unroll=unroll)
     est = estimators.get(estimator, parallel_tasks=parallel_tasks, **options)
+    est.linearity_metrics = linearity_metrics
     trainer = MetaTrainer(learner, est, keras.optimizers.Adam(1e-3))
     tensors = tuple(tf.constant(t) for t in tasks)
     return lambda: trainer.train_step(tensors)["loss"]
@@ -80,6 +81,7 @@ def run(
     seed: int = 0,
     options: dict | None = None,
     strategy: str = "default",
+    linearity_metrics: bool = False,
 ) -> dict:
     """Time `steps` meta-steps after one compile-and-run call; returns the figures as a dict."""
     if estimator not in ESTIMATORS:
@@ -101,7 +103,8 @@ def run(
         if estimator == "plain":
             call = _plain_step(net, tasks)
         else:
-            call = _meta_step(net, tasks, estimator, inner_steps, unroll, parallel_tasks, options or {})
+            call = _meta_step(net, tasks, estimator, inner_steps, unroll, parallel_tasks, options or {},
+                              linearity_metrics)
     began = time.perf_counter()
     call()
     first = time.perf_counter() - began
@@ -123,6 +126,7 @@ def run(
         "parallel_tasks": parallel_tasks,
         "options": options or {},
         "strategy": strategy,
+        "linearity_metrics": linearity_metrics,
         "replicas": strat.num_replicas_in_sync,
         "steps": steps,
         "seconds_per_step_median": median,

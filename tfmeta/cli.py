@@ -64,14 +64,20 @@ def _add_estimator_flags(p):
     for flag in estimators.all_flags():
         p.add_argument("--" + flag.name.replace("_", "-"), dest=flag.name, type=flag.type,
                        default=None, help=f"{flag.help} (default {flag.default})")
+    p.add_argument("--linearity-metrics", action="store_true",
+                   help="log Phase and Amplitude Consistency (LIL, Eq. 3-4) every meta-step for any estimator")
 
 
 def estimator_options(args) -> dict:
     """The chosen estimator's options that were given on the command line."""
     from tfmeta import estimators
 
-    cls = estimators.get_class(args.estimator)
-    return {f.name: getattr(args, f.name) for f in cls.flags if getattr(args, f.name, None) is not None}
+    flags = list(estimators.get_class(args.estimator).flags)
+    if getattr(args, "base", None) or any(f.name == "base" for f in flags):
+        # a wrapper (e.g. linearity --base reuse) also takes its base estimator's flags
+        base = getattr(args, "base", None) or next(f.default for f in flags if f.name == "base")
+        flags += list(estimators.get_class(base).flags) if base in estimators.names() else []
+    return {f.name: getattr(args, f.name) for f in flags if getattr(args, f.name, None) is not None}
 
 
 def _add_train_flags(p):
@@ -305,7 +311,7 @@ def cmd_bench(args) -> dict:
         meta_batch=args.meta_batch, inner_steps=args.inner_steps, steps=args.steps,
         unroll=args.unroll, parallel_tasks=args.parallel_tasks, seed=args.seed,
         options=estimator_options(args) if args.estimator != "plain" else {},
-        strategy=args.strategy,
+        strategy=args.strategy, linearity_metrics=args.linearity_metrics,
     )
     if not args.json:
         print(f"{args.estimator}: {result['seconds_per_step_median']:.3f} s/step (median of {args.steps}), "

@@ -48,6 +48,8 @@ class RunConfig:
     seed: int = 0
     #: the chosen estimator's own options (its `flags`), e.g. {"window": 4} for reuse.
     estimator_options: dict = dataclasses.field(default_factory=dict)
+    #: log the LIL linearity metrics (PC, AC) every meta-step whatever the estimator.
+    linearity_metrics: bool = False
 
     def resolved(self) -> "RunConfig":
         """A copy with every None filled from the dataset's defaults; validates the choices."""
@@ -98,7 +100,10 @@ def build_learner(config: RunConfig) -> MetaLearner:
 
 
 def build_estimator(config: RunConfig) -> estimators.Estimator:
-    return estimators.get(config.estimator, **config.estimator_options)
+    estimator = estimators.get(config.estimator, **config.estimator_options)
+    if config.linearity_metrics:
+        estimator.linearity_metrics = True
+    return estimator
 
 
 def build_sampler(config: RunConfig, split: str, *, meta_batch: int | None = None, seed: int | None = None):

@@ -115,7 +115,7 @@ class MetaModel(keras.Model):
         self.estimator = estimator
         self.clip_norm = clip_norm
         self.optimizer.build(self.learner.meta_variables)
-        names = ("loss",) + tuple(estimator.metric_names(self.learner))
+        names = ("loss",) + tuple(estimator.reported_metric_names(self.learner))
         test_names = ("loss", "loss_before") + sum(
             ((m, f"{m}_before") for m in self.learner.metric_names), ()
         )

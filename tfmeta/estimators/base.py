@@ -94,6 +94,9 @@ class Estimator(abc.ABC):
         parallel_tasks: how many tasks of the task loop may run at once (`parallel_iterations`
             of the `tf.while_loop`). On CPU, two tasks side by side with single-threaded ops beat
             splitting each op over the cores.
+        linearity_metrics: also report "phase_consistency" and "amplitude_consistency" (Eq. 3-4
+            of 004_51a19a27816aab9b.txt) of every task's inner loop (see
+            :func:`tfmeta.linearity.instrument`); settable later as an attribute.
     """
 
     name: ClassVar[str] = ""
@@ -101,11 +104,16 @@ class Estimator(abc.ABC):
     flags: ClassVar[tuple[Flag, ...]] = ()
     #: whether the estimator differentiates through the inner loop (second order).
     second_order: ClassVar[bool] = False
+    #: report the linearity metrics PC and AC every meta-step (any estimator).
+    linearity_metrics: bool = False
 
-    def __init__(self, parallel_tasks: int = 2):
+    def __init__(self, parallel_tasks: int = 2, linearity_metrics: bool = False):
         if isinstance(parallel_tasks, bool) or not isinstance(parallel_tasks, int) or parallel_tasks < 1:
             raise ValueError(f"parallel_tasks={parallel_tasks!r} is not valid: expected an integer >= 1.")
+        if not isinstance(linearity_metrics, bool):
+            raise ValueError(f"linearity_metrics={linearity_metrics!r} is not valid: expected True or False.")
         self.parallel_tasks = parallel_tasks
+        self.linearity_metrics = linearity_metrics
 
     def check(self, learner: MetaLearner) -> None:
         """Raise ValueError if this estimator cannot train `learner` (called before tracing)."""
@@ -113,6 +121,16 @@ class Estimator(abc.ABC):
     def metric_names(self, learner: MetaLearner) -> tuple[str, ...]:
         """Names of the metrics :meth:`task_gradient` returns (fixed, for the task loop)."""
         return learner.metric_names
+
+    def reported_metric_names(self, learner: MetaLearner) -> tuple[str, ...]:
+        """The metric keys :meth:`meta_gradient` returns: :meth:`metric_names`, plus
+        "phase_consistency" and "amplitude_consistency" when `linearity_metrics` is on."""
+        names = tuple(self.metric_names(learner))
+        if self.linearity_metrics:
+            from tfmeta import linearity
+
+            names += tuple(n for n in linearity.METRIC_NAMES if n not in names)
+        return names
 
     def adapted_params(self, learner: MetaLearner, meta, task: Task, observer=None):
         """The task's adapted parameters as this estimator differentiates them.
@@ -145,11 +163,16 @@ class Estimator(abc.ABC):
         tasks = Task(*tasks)
         count = tf.shape(tasks.support_x)[0]
         dtype = learner.dtype
-        names = self.metric_names(learner)
+        names = self.reported_metric_names(learner)
+        task_gradient = self.task_gradient
+        if self.linearity_metrics:  # PC and AC from the same inner trajectory
+            from tfmeta import linearity
+
+            task_gradient = linearity.instrument(self, learner)
 
         def body(i, loss_sum, metric_sums, grad_sums):
             task = Task(*(t[i] for t in tasks))
-            loss, grads, metrics = self.task_gradient(learner, meta_values, task)
+            loss, grads, metrics = task_gradient(learner, meta_values, task)
             return (
                 i + 1,
                 loss_sum + tf.cast(loss, dtype),
