@@ -102,3 +102,49 @@ def test_repeated_second_order_steps_on_large_activations():
     trainer = MetaTrainer(MetaLearner(models.conv4(30), inner_steps=2), "maml")
     losses = [trainer.train_step(tasks)["loss"] for _ in range(3)]
     assert all(np.isfinite(losses))
+
+
+def test_skip_mode_leaves_bad_steps_out_and_goes_on():
+    poison = tf.Variable(1.0, dtype=tf.float32)
+
+    def outer_loss(learner, params, meta, x, y):
+        return learner.task_loss(learner.fmodel(params, x), y) * poison
+
+    learner = _sinusoid_learner(outer_loss=outer_loss)
+    trainer = MetaTrainer(learner, "maml", on_nonfinite="skip", clip_norm=1.0)
+    sampler = SinusoidTasks(shots=5, query=10, meta_batch=4, seed=0)
+    trainer.train_step(sampler.sample(0))
+    good = [v.numpy().copy() for v in learner.meta_variables]
+    poison.assign(float("inf"))
+    logs = trainer.train_step(sampler.sample(1))
+    for a, v in zip(good, learner.meta_variables):
+        np.testing.assert_array_equal(a, v.numpy())
+    assert int(trainer.step.numpy()) == 2 and np.isfinite(logs["loss"])
+    poison.assign(1.0)
+    trainer.train_step(sampler.sample(2))
+    assert any(not np.array_equal(a, v.numpy()) for a, v in zip(good, learner.meta_variables))
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        MetaTrainer(learner, "maml", on_nonfinite="ignore")
+
+
+def test_same_seed_same_meta_parameters():
+    sampler = SinusoidTasks(shots=5, query=10, meta_batch=8, seed=3)
+    finals = []
+    for _ in range(2):
+        learner = _sinusoid_learner(seed=11)
+        MetaTrainer(learner, "maml").fit(sampler, iterations=20, progress=False)
+        finals.append([v.numpy() for v in learner.meta_variables])
+    for a, b in zip(*finals):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_run_directory_in_use_is_refused(tmp_path):
+    from tfmeta import cli
+    from tfmeta.rundir import RunDirectoryInUse, RunLock
+    with RunLock(str(tmp_path / "run")):
+        with pytest.raises(RunDirectoryInUse, match="in use by another process"):
+            with RunLock(str(tmp_path / "run")):
+                pass
+        assert cli.main(["train", "--out", str(tmp_path / "run"), "--iterations", "1", "--no-progress"]) == 2
+    with RunLock(str(tmp_path / "run")):  # released: usable again
+        pass

@@ -8,6 +8,7 @@ overhead ratios. Run one configuration per process, so that peak memory is its o
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -137,4 +138,47 @@ def run(
         "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                     tf.config.threading.get_inter_op_parallelism_threads()],
         "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+    }
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (not the peak), from /proc/self/statm."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def soak(estimator: str = "maml", *, steps: int = 2000, every: int = 100, seed: int = 0) -> dict:
+    """Long-run check: MAML on sinusoid for `steps` meta-steps, resident memory every `every` steps.
+
+    Resident memory must not grow after warm-up (no retracing, no leaking tapes); returns the
+    samples, the growth from the first sample to the last, and the retraces after the first step.
+    """
+    from tfmeta.data import SinusoidTasks
+
+    if steps < 2 * every:
+        raise ValueError(f"steps={steps} is not valid: expected at least 2 x every={every}.")
+    keras.utils.set_random_seed(seed)
+    learner = MetaLearner(models.mlp(), task="regression", inner_lr=0.01, inner_steps=5)
+    trainer = MetaTrainer(learner, estimator, keras.optimizers.Adam(1e-3))
+    samples: dict[int, float] = {}
+    traces: dict[int, int] = {}
+
+    def record(step, logs):
+        traces[step] = trainer.meta_model.trace_count
+        if step % every == 0:
+            samples[step] = current_rss_mb()
+
+    began = time.perf_counter()
+    trainer.fit(SinusoidTasks(shots=5, query=10, meta_batch=25, seed=seed), steps,
+                progress=False, on_step=record)
+    first, last = samples[min(samples)], samples[max(samples)]
+    return {
+        "suite": "soak",
+        "estimator": estimator,
+        "steps": steps,
+        "rss_mb": {str(k): round(v, 1) for k, v in sorted(samples.items())},
+        "rss_growth_percent": 100.0 * (last - first) / first,
+        "retraces_after_warmup": traces[max(traces)] - traces[min(traces)],
+        "seconds": time.perf_counter() - began,
     }

@@ -16,6 +16,7 @@ import sys
 import time
 
 from tfmeta import runtime
+from tfmeta.rundir import RunDirectoryInUse, RunLock
 
 _RUNS = "runs"
 
@@ -119,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--export-dir", default="saved_models", help="where the learned initialization is exported")
     train.add_argument("--no-export", action="store_true")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--clip-norm", type=_positive_float, default=None,
+                       help="clip the meta-gradient to this global norm")
+    train.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                       help="a NaN/Inf meta-loss or meta-gradient stops the run, or skips that step")
+    train.add_argument("--deterministic", action="store_true",
+                       help="tf.config.experimental.enable_op_determinism (bitwise-repeatable runs)")
     train.add_argument("--steps-per-epoch", type=_positive_int, default=1000,
                        help="meta-steps between validations (Keras epochs)")
     train.add_argument("--validation-batches", type=_positive_int, default=2,
@@ -143,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time one meta-step configuration (conv4 on random inputs)")
     from tfmeta.bench import ESTIMATORS
+    bench.add_argument("--suite", default="step", choices=["step", "soak"],
+                       help="step: time one configuration; soak: 2,000 sinusoid meta-steps, memory every 100")
     bench.add_argument("--estimator", default="maml", choices=ESTIMATORS)
     bench.add_argument("--model", default="conv4", choices=["conv4"])
     bench.add_argument("--ways", type=_positive_int, default=5)
@@ -150,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--query", type=_positive_int, default=15)
     bench.add_argument("--meta-batch", type=_positive_int, default=8)
     bench.add_argument("--inner-steps", type=_positive_int, default=5)
-    bench.add_argument("--steps", type=_positive_int, default=5, help="timed meta-steps after the first call")
+    bench.add_argument("--steps", type=_positive_int, default=None,
+                       help="timed meta-steps after the first call (default 5; soak: 2000)")
     bench.add_argument("--unroll", action="store_true", help="unroll the inner loop in the graph")
     bench.add_argument("--parallel-tasks", type=_positive_int, default=2,
                        help="tasks of the task loop that may run at once")
@@ -200,12 +210,9 @@ def _summary_line(result: dict, task: str) -> str:
 
 
 def cmd_train(args) -> dict:
-    import keras
     import tensorflow as tf
 
-    from tfmeta import evaluation, export
-    from tfmeta.config import RunConfig, build_estimator, build_learner, build_sampler
-    from tfmeta.training import MetaTrainer
+    from tfmeta.config import RunConfig, build_sampler
 
     if args.resume:
         run_dir = args.resume
@@ -222,6 +229,8 @@ def cmd_train(args) -> dict:
         )
         if os.path.isfile(os.path.join(run_dir, "config.json")):
             raise ValueError(f"--out={run_dir!r} already holds a run: pass --resume {run_dir} to continue it.")
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
     strategy = runtime.make_strategy(args.strategy)
     runtime.check_split(config.meta_batch, strategy)
     chief = runtime.is_chief(strategy)
@@ -229,7 +238,19 @@ def cmd_train(args) -> dict:
         run_dir = f"{run_dir.rstrip(os.sep)}-worker{strategy.cluster_resolver.task_id}"
     train_tasks = build_sampler(config, "train")
     test_tasks = build_sampler(config, "test", seed=config.seed + 1)
-    os.makedirs(run_dir, exist_ok=True)
+    with RunLock(run_dir):
+        return _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_tasks)
+
+
+def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_tasks) -> dict:
+    """The body of `tfmeta train`, run while this process holds the run directory's lock."""
+    import keras
+    import tensorflow as tf
+
+    from tfmeta import evaluation, export
+    from tfmeta.config import build_estimator, build_learner, build_sampler
+    from tfmeta.training import MetaTrainer
+
     config.save(os.path.join(run_dir, "config.json"))
     with strategy.scope():
         learner = build_learner(config)
@@ -239,6 +260,8 @@ def cmd_train(args) -> dict:
             keras.optimizers.Adam(config.meta_lr),
             checkpoint_dir=os.path.join(run_dir, "checkpoints"),
             checkpoint_every=args.checkpoint_every,
+            clip_norm=args.clip_norm,
+            on_nonfinite=args.on_nonfinite,
         )
     callbacks = [keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True)]
     if args.tensorboard:
@@ -306,15 +329,23 @@ def cmd_export(args) -> dict:
 def cmd_bench(args) -> dict:
     from tfmeta import bench
 
+    if args.suite == "soak":
+        steps = args.steps or 2000
+        result = bench.soak(args.estimator, steps=steps, seed=args.seed)
+        if not args.json:
+            print(f"soak: {steps} steps, resident memory {result['rss_mb']} MB, growth "
+                  f"{result['rss_growth_percent']:.1f}%, retraces after warm-up {result['retraces_after_warmup']}")
+        return result
+
     result = bench.run(
         args.estimator, model=args.model, ways=args.ways, shots=args.shots, query=args.query,
-        meta_batch=args.meta_batch, inner_steps=args.inner_steps, steps=args.steps,
+        meta_batch=args.meta_batch, inner_steps=args.inner_steps, steps=args.steps or 5,
         unroll=args.unroll, parallel_tasks=args.parallel_tasks, seed=args.seed,
         options=estimator_options(args) if args.estimator != "plain" else {},
         strategy=args.strategy, linearity_metrics=args.linearity_metrics,
     )
     if not args.json:
-        print(f"{args.estimator}: {result['seconds_per_step_median']:.3f} s/step (median of {args.steps}), "
+        print(f"{args.estimator}: {result['seconds_per_step_median']:.3f} s/step (median of {result['steps']}), "
               f"compile {result['compile_seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB")
     return result
 
@@ -337,7 +368,7 @@ def main(argv=None) -> int:
     except NonFiniteMetaStepError as err:
         print(f"tfmeta {args.command}: stopped: {err}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, RunDirectoryInUse) as err:
         print(f"tfmeta {args.command}: error: {err}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from tfmeta import _backend  # noqa: F401
@@ -87,6 +88,9 @@ class MetaModel(keras.Model):
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
         self.estimator = None
         self.clip_norm = None
+        self.on_nonfinite = "stop"
+        #: how many times the meta-step was traced (a retrace after warm-up is a bug: see bench soak).
+        self.trace_count = 0
         self.built = True
 
     # -- Keras plumbing --------------------------------------------------------------------------
@@ -95,13 +99,17 @@ class MetaModel(keras.Model):
         fmodel = self.learner.fmodel
         return fmodel(fmodel.parameters(), x)
 
-    def compile(self, optimizer="adam", estimator="maml", *, clip_norm: float | None = None, **kwargs):
+    def compile(self, optimizer="adam", estimator="maml", *, clip_norm: float | None = None,
+                on_nonfinite: str = "stop", **kwargs):
         """Configure meta-training.
 
         Args:
             optimizer: the meta-optimizer (a Keras optimizer or its name).
             estimator: an Estimator or its name ("maml", "fomaml", "reptile", ...).
             clip_norm: clip the meta-gradient to this global norm (None: no clipping).
+            on_nonfinite: what a NaN/Inf meta-loss or meta-gradient does: "stop" (the step fails
+                in the graph before anything is applied; `MetaTrainer` turns it into
+                `NonFiniteMetaStepError`) or "skip" (no update that step, a message on stderr).
         """
         kwargs.setdefault("jit_compile", False)  # XLA never finished compiling MAML on CPU
         super().compile(optimizer=optimizer, **kwargs)
@@ -112,8 +120,11 @@ class MetaModel(keras.Model):
         estimator.check(self.learner)
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm={clip_norm!r} is not valid: expected a number > 0.")
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not valid: expected 'stop' or 'skip'.")
         self.estimator = estimator
         self.clip_norm = clip_norm
+        self.on_nonfinite = on_nonfinite
         self.optimizer.build(self.learner.meta_variables)
         names = ("loss",) + tuple(estimator.reported_metric_names(self.learner))
         test_names = ("loss", "loss_before") + sum(
@@ -132,9 +143,14 @@ class MetaModel(keras.Model):
     def metrics(self):
         return list(getattr(self, "_trackers", {}).values())
 
-    def _log(self, names: Sequence[str], values: dict) -> dict:
+    def _log(self, names: Sequence[str], values: dict, keep=None) -> dict:
+        """Update the running means (`keep` False: a skipped step, not counted) and return them."""
         for n in names:
-            self._trackers[n].update_state(values[n])
+            if keep is None:
+                self._trackers[n].update_state(values[n])
+            else:
+                value = tf.where(keep, tf.cast(values[n], tf.float32), 0.0)
+                self._trackers[n].update_state(value, sample_weight=tf.cast(keep, tf.float32))
         logs = {n: self._trackers[n].result() for n in names}
         if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             # Keras reduces multi-worker logs with reduce("MEAN", axis=0), which needs a batch
@@ -147,6 +163,7 @@ class MetaModel(keras.Model):
         """One meta-step: estimator meta-gradient -> checks -> meta-optimizer update."""
         if self.estimator is None:
             raise RuntimeError("MetaModel must be compiled (compile(optimizer, estimator)) before fit.")
+        self.trace_count += 1  # Python side effect: runs once per trace, not per step
         tasks = _tasks(data)
         result = self.estimator.meta_gradient(self.learner, tasks)
         # Under a tf.distribute strategy each replica holds the mean over its own tasks and the
@@ -156,18 +173,30 @@ class MetaModel(keras.Model):
         finite = tf.math.is_finite(result.loss)
         for g in grads:
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
-        check = tf.debugging.Assert(
-            finite,
-            [f"{NONFINITE_MARKER} with estimator {self.estimator.name!r} at meta-step",
-             self.meta_step + 1, "loss", result.loss],
-        )
-        with tf.control_dependencies([check]):
-            if self.clip_norm is not None:
-                grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
-            grads = [tf.identity(g) for g in grads]
-            self.meta_step.assign_add(1)  # nothing changes unless the check passed
-        self.optimizer.apply(grads, self.learner.meta_variables)
-        return self._log(self._train_names, {"loss": result.loss, **result.metrics})
+        if self.clip_norm is not None:
+            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
+        message = f"{NONFINITE_MARKER} with estimator {self.estimator.name!r} at meta-step"
+        if self.on_nonfinite == "stop":
+            check = tf.debugging.Assert(finite, [message, self.meta_step + 1, "loss", result.loss])
+            with tf.control_dependencies([check]):
+                grads = [tf.identity(g) for g in grads]
+                self.meta_step.assign_add(1)  # nothing changes unless the check passed
+            self.optimizer.apply(grads, self.learner.meta_variables)
+        else:
+            def update():
+                self.optimizer.apply(grads, self.learner.meta_variables)
+                self.meta_step.assign_add(1)
+                return tf.constant(True)
+
+            def skip():
+                tf.print(message, self.meta_step + 1, "loss", result.loss, "(skipped)",
+                         output_stream=sys.stderr)
+                self.meta_step.assign_add(1)  # the task stream moves on past the bad batch
+                return tf.constant(False)
+
+            tf.cond(finite, update, skip)
+        keep = None if self.on_nonfinite == "stop" else finite
+        return self._log(self._train_names, {"loss": result.loss, **result.metrics}, keep)
 
     def test_step(self, data):
         """Adapt to every task of the batch; query loss/accuracy after and before adaptation."""

@@ -66,6 +66,8 @@ class MetaTrainer:
         checkpoint_every: meta-steps between checkpoints.
         max_checkpoints: checkpoints kept on disk.
         clip_norm: clip the meta-gradient to this global norm (None: no clipping).
+        on_nonfinite: "stop" (raise NonFiniteMetaStepError) or "skip" (leave that step's
+            update out, print a message naming the step, and go on).
     """
 
     def __init__(
@@ -78,12 +80,14 @@ class MetaTrainer:
         checkpoint_every: int = 100,
         max_checkpoints: int = 3,
         clip_norm: float | None = None,
+        on_nonfinite: str = "stop",
     ):
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every!r} is not valid: expected an integer >= 1.")
         self.meta_model = MetaModel(learner)
         self.meta_model.compile(
-            optimizer=meta_optimizer or keras.optimizers.Adam(1e-3), estimator=estimator, clip_norm=clip_norm
+            optimizer=meta_optimizer or keras.optimizers.Adam(1e-3), estimator=estimator,
+            clip_norm=clip_norm, on_nonfinite=on_nonfinite,
         )
         self.learner = learner
         self.estimator = self.meta_model.estimator
