@@ -90,16 +90,20 @@ def _add_train_flags(p):
     p.add_argument("--dataset", default="sinusoid", choices=DATASETS)
     p.add_argument("--data-dir", default=None,
                    help="directory with Omniglot's original archives (default: tensorflow-datasets download)")
-    p.add_argument("--model", default=None, choices=["conv4", "mlp"], help="default: conv4 for omniglot, mlp for sinusoid")
+    p.add_argument("--model", default=None, choices=["conv4", "mlp", "point"],
+                   help="default: conv4 for omniglot, mlp for sinusoid, point for synthetic2d")
     p.add_argument("--ways", type=_positive_int, default=None, help="classes per task (default 5; 1 for sinusoid)")
     p.add_argument("--shots", type=_positive_int, default=None, help="support examples per class (default 1; 5 for sinusoid)")
     p.add_argument("--query", type=_positive_int, default=None, help="query examples per class (default 15; 10 for sinusoid)")
     p.add_argument("--inner-steps", type=_positive_int, default=None, help="inner steps T (default 5; 1 for sinusoid)")
     p.add_argument("--inner-lr", type=_positive_float, default=None, help="inner learning rate (default 0.4; 0.01 for sinusoid)")
-    p.add_argument("--inner-optimizer", default="sgd", choices=sorted(INNER_OPTIMIZERS))
+    p.add_argument("--inner-optimizer", default=None, choices=sorted(INNER_OPTIMIZERS),
+                   help="default sgd (momentum for synthetic2d)")
     p.add_argument("--adapt", default="all", choices=["all", "head", "body"],
                    help="weights adapted in the inner loop: all (MAML), head (ANIL), body (BOIL)")
-    p.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="Adam meta learning rate")
+    p.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="meta learning rate")
+    p.add_argument("--meta-optimizer", default="adam", choices=["adam", "sgd"],
+                   help="meta-optimizer (sgd: Reptile's epsilon, shifting's beta)")
     p.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-step (default 32; 25 for sinusoid)")
     p.add_argument("--iterations", type=_positive_int, default=None, help="meta-steps (default 2000; 20000 for sinusoid)")
     p.add_argument("--seed", type=int, default=0)
@@ -179,7 +183,7 @@ def _newest_run() -> str:
 
 
 def _load_run(run_dir: str | None):
-    from tfmeta.config import RunConfig, build_estimator, build_learner
+    from tfmeta.config import RunConfig, build_estimator, build_learner, build_meta_optimizer
     from tfmeta.training import MetaTrainer
 
     run_dir = run_dir or _newest_run()
@@ -188,17 +192,17 @@ def _load_run(run_dir: str | None):
         raise ValueError(f"--run={run_dir!r} is not a tfmeta run directory (no config.json).")
     config = RunConfig.load(path).resolved()
     learner = build_learner(config)
-    trainer = MetaTrainer(learner, build_estimator(config),
+    trainer = MetaTrainer(learner, build_estimator(config), build_meta_optimizer(config),
                           checkpoint_dir=os.path.join(run_dir, "checkpoints"))
     if trainer.restore() == 0:
         raise ValueError(f"--run={run_dir!r} has no checkpoint yet.")
     return run_dir, config, learner
 
 
-def _summary_line(result: dict, task: str) -> str:
+def _summary_line(result: dict, task: str, what: str = "MSE") -> str:
     if task == "regression":
         return (
-            f"held-out MSE over {result['episodes']} tasks: before adaptation "
+            f"held-out {what} over {result['episodes']} tasks: before adaptation "
             f"{result['loss_before']:.4f} ± {result['loss_before_ci95']:.4f}, after "
             f"{result['loss_after']:.4f} ± {result['loss_after_ci95']:.4f}"
         )
@@ -248,7 +252,7 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
     import tensorflow as tf
 
     from tfmeta import evaluation, export
-    from tfmeta.config import build_estimator, build_learner, build_sampler
+    from tfmeta.config import build_estimator, build_learner, build_meta_optimizer, build_sampler
     from tfmeta.training import MetaTrainer
 
     config.save(os.path.join(run_dir, "config.json"))
@@ -257,7 +261,7 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
         trainer = MetaTrainer(
             learner,
             build_estimator(config),
-            keras.optimizers.Adam(config.meta_lr),
+            build_meta_optimizer(config),
             checkpoint_dir=os.path.join(run_dir, "checkpoints"),
             checkpoint_every=args.checkpoint_every,
             clip_norm=args.clip_norm,
@@ -285,7 +289,7 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
     steps = int(trainer.step.numpy())
     print(f"meta-trained {steps} steps in {seconds:.1f}s; run directory {run_dir}"
           + (f"; exported {exported}" if exported else ""))
-    print(_summary_line(result, learner.task))
+    print(_summary_line(result, learner.task, "MSE" if config.dataset == "sinusoid" else "loss"))
     return {"run_dir": run_dir, "steps": steps, "train_seconds": seconds, "export": exported,
             "replicas": strategy.num_replicas_in_sync,
             "meta_parameters_checksum": float(sum(float(tf.reduce_sum(tf.cast(v, tf.float64)))
@@ -300,7 +304,7 @@ def cmd_evaluate(args) -> dict:
     run_dir, config, learner = _load_run(args.run)
     sampler = build_sampler(config, args.split, seed=config.seed + 1)
     result = evaluation.evaluate(learner, sampler, episodes=args.episodes, steps=args.inner_steps)
-    print(_summary_line(result, learner.task))
+    print(_summary_line(result, learner.task, "MSE" if config.dataset == "sinusoid" else "loss"))
     return {"run_dir": run_dir, "split": args.split, **result}
 
 

@@ -18,12 +18,17 @@ import keras
 from tfmeta import data, estimators, models
 from tfmeta.learner import MetaLearner
 
+META_OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+
 #: Defaults that depend on the dataset (Finn et al.'s settings, shortened to fit CPU budgets).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "sinusoid": dict(model="mlp", ways=1, shots=5, query=10, inner_steps=1, inner_lr=0.01,
-                     meta_batch=25, iterations=20000),
+                     inner_optimizer="sgd", meta_batch=25, iterations=20000),
     "omniglot": dict(model="conv4", ways=5, shots=1, query=15, inner_steps=5, inner_lr=0.4,
-                     meta_batch=32, iterations=2000),
+                     inner_optimizer="sgd", meta_batch=32, iterations=2000),
+    # Sec. 4.1 of 003_2cbdd90bd1e4b64e.txt: alpha 0.05, momentum 0.9, 100 inner steps.
+    "synthetic2d": dict(model="point", ways=1, shots=1, query=1, inner_steps=100, inner_lr=0.05,
+                        inner_optimizer="momentum", meta_batch=8, iterations=300),
 }
 
 
@@ -40,9 +45,10 @@ class RunConfig:
     query: int | None = None
     inner_steps: int | None = None
     inner_lr: float | None = None
-    inner_optimizer: str = "sgd"
+    inner_optimizer: str | None = None
     adapt: str = "all"
     meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"
     meta_batch: int | None = None
     iterations: int | None = None
     seed: int = 0
@@ -61,8 +67,13 @@ class RunConfig:
         for key, value in DATASET_DEFAULTS[self.dataset].items():
             if getattr(filled, key) is None:
                 setattr(filled, key, value)
-        if filled.model not in models.MODELS:
-            raise ValueError(f"model={filled.model!r} is not valid: expected one of {list(models.MODELS)}.")
+        choices = ["point"] if filled.dataset == "synthetic2d" else list(models.MODELS)
+        if filled.model not in choices:
+            raise ValueError(f"model={filled.model!r} is not valid for dataset={filled.dataset!r}: "
+                             f"expected one of {choices}.")
+        if filled.meta_optimizer not in META_OPTIMIZERS:
+            raise ValueError(f"meta_optimizer={filled.meta_optimizer!r} is not valid: "
+                             f"expected one of {sorted(META_OPTIMIZERS)}.")
         return filled
 
     def save(self, path: str) -> None:
@@ -87,7 +98,17 @@ def build_model(config: RunConfig) -> keras.Model:
     return models.mlp()
 
 
+def build_meta_optimizer(config: RunConfig) -> keras.optimizers.Optimizer:
+    """The meta-optimizer: Adam (default) or plain SGD (Reptile's and shifting's beta)."""
+    return META_OPTIMIZERS[config.meta_optimizer](config.meta_lr)
+
+
 def build_learner(config: RunConfig) -> MetaLearner:
+    if config.dataset == "synthetic2d":
+        from tfmeta.data import synthetic2d
+
+        return synthetic2d.make_learner(inner_optimizer=config.inner_optimizer,
+                                        inner_lr=config.inner_lr, inner_steps=config.inner_steps)
     task = "regression" if config.dataset == "sinusoid" else "classification"
     return MetaLearner(
         build_model(config),
@@ -107,7 +128,7 @@ def build_estimator(config: RunConfig) -> estimators.Estimator:
 
 
 def build_sampler(config: RunConfig, split: str, *, meta_batch: int | None = None, seed: int | None = None):
-    return data.make_sampler(
+    sampler = data.make_sampler(
         config.dataset,
         split,
         ways=config.ways,
@@ -117,3 +138,10 @@ def build_sampler(config: RunConfig, split: str, *, meta_batch: int | None = Non
         seed=config.seed if seed is None else seed,
         data_dir=config.data_dir,
     )
+    if config.estimator == "shifting" and split == "train":  # task learner t keeps task t for a round
+        from tfmeta.estimators.shifting import RoundTasks
+
+        options = {**{f.name: f.default for f in estimators.get_class("shifting").flags},
+                   **config.estimator_options}
+        sampler = RoundTasks(sampler, options["horizon"] * options["repeats"])
+    return sampler

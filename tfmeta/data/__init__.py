@@ -19,17 +19,19 @@ import os
 from tfmeta.data.episodes import EpisodeSampler, TaskBatch
 from tfmeta.data.omniglot import SPLIT_NAMES, load_omniglot
 from tfmeta.data.sinusoid import SinusoidTasks
+from tfmeta.data.synthetic2d import Synthetic2DTasks
 
 __all__ = [
     "DATASETS",
     "EpisodeSampler",
     "SinusoidTasks",
+    "Synthetic2DTasks",
     "TaskBatch",
     "load_omniglot",
     "make_sampler",
 ]
 
-DATASETS = ("sinusoid", "omniglot")
+DATASETS = ("sinusoid", "omniglot", "synthetic2d")
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +69,8 @@ def make_sampler(
         raise ValueError(f"split must be one of {SPLIT_NAMES}, got split={split!r}")
     if dataset == "sinusoid":
         return SinusoidTasks(shots=shots, query=query, meta_batch=meta_batch, seed=seed, split=split)
+    if dataset == "synthetic2d":
+        return Synthetic2DTasks(meta_batch=meta_batch, shots=shots, query=query, seed=seed, split=split)
     key_dir = None if data_dir is None else os.path.abspath(os.fspath(data_dir))
     images, labels = _omniglot_splits(key_dir, image_size, bool(rotations))[split]
     return EpisodeSampler(
