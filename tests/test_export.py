@@ -113,3 +113,16 @@ def test_export_adapted_to_one_task(tmp_path):
     np.testing.assert_allclose(served.numpy(), expected.numpy(), atol=1e-5)
     reloaded = keras.models.load_model(os.path.join(path, "model.keras"))
     np.testing.assert_allclose(reloaded(sx), expected, atol=1e-5)
+
+
+def test_safe_loading(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda x: x * 2)])
+    model.save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="safe_mode"):
+        export.load(str(tmp_path / "lambda.keras"))
+    (tmp_path / "weights.pkl").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="path="):
+        export.load(str(tmp_path / "weights.pkl"))
+    path = export.export_model(small_dense(), str(tmp_path), "ok")
+    assert isinstance(export.load(os.path.join(path, "model.keras")), keras.Model)
+    assert "serving_default" in export.load(path).signatures

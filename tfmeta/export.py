@@ -165,3 +165,23 @@ def export_adapter(learner, base_dir: str, name: str) -> str:
         learner.model.save(os.path.join(tmp, "model.keras"))
 
     return _write_version(base_dir, name, write)
+
+
+def load(path: str):
+    """Load an exported model safely: a ``.keras`` file (Keras safe mode on) or a SavedModel.
+
+    Only these two formats load, and a ``.keras`` file loads with ``safe_mode=True``, so a model
+    downloaded from elsewhere cannot run arbitrary Python (no lambda deserialization). A SavedModel
+    holds only TensorFlow graphs. Returns a `keras.Model` or the `tf.saved_model.load` object.
+
+    Example:
+        >>> model = load("saved_models/sinusoid_maml/1/model.keras")
+        >>> served = load("saved_models/sinusoid_maml/1").signatures["adapt_and_predict"]
+    """
+    if os.path.isfile(path) and path.endswith(".keras"):
+        return keras.models.load_model(path, safe_mode=True)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return tf.saved_model.load(path)
+    raise ValueError(
+        f"path={path!r} is not a .keras file or a SavedModel directory (with saved_model.pb)."
+    )
