@@ -196,7 +196,7 @@ def _load_run(run_dir: str | None):
                           checkpoint_dir=os.path.join(run_dir, "checkpoints"))
     if trainer.restore() == 0:
         raise ValueError(f"--run={run_dir!r} has no checkpoint yet.")
-    return run_dir, config, learner
+    return run_dir, config, learner, trainer.estimator
 
 
 def _summary_line(result: dict, task: str, what: str = "MSE") -> str:
@@ -282,7 +282,7 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
         validation_steps=args.validation_batches,
     )
     seconds = time.monotonic() - began
-    result = evaluation.evaluate(learner, test_tasks, episodes=args.episodes)
+    result = evaluation.evaluate(learner, test_tasks, episodes=args.episodes, estimator=trainer.estimator)
     exported = None
     if not args.no_export and chief:
         exported = export.export_adapter(learner, args.export_dir, f"{config.dataset}_{config.estimator}")
@@ -301,9 +301,10 @@ def cmd_evaluate(args) -> dict:
     from tfmeta import evaluation
     from tfmeta.config import build_sampler
 
-    run_dir, config, learner = _load_run(args.run)
+    run_dir, config, learner, estimator = _load_run(args.run)
     sampler = build_sampler(config, args.split, seed=config.seed + 1)
-    result = evaluation.evaluate(learner, sampler, episodes=args.episodes, steps=args.inner_steps)
+    result = evaluation.evaluate(learner, sampler, episodes=args.episodes, steps=args.inner_steps,
+                                 estimator=estimator)
     print(_summary_line(result, learner.task, "MSE" if config.dataset == "sinusoid" else "loss"))
     return {"run_dir": run_dir, "split": args.split, **result}
 
@@ -311,7 +312,7 @@ def cmd_evaluate(args) -> dict:
 def cmd_export(args) -> dict:
     from tfmeta import export
 
-    run_dir, config, learner = _load_run(args.run)
+    run_dir, config, learner, _ = _load_run(args.run)
     name = args.name or f"{config.dataset}_{config.estimator}"
     if args.adapt_on is None:
         path = export.export_adapter(learner, args.export_dir, name)

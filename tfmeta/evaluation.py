@@ -31,16 +31,22 @@ def score_names(learner: MetaLearner) -> list[str]:
     return names
 
 
-def task_scores(learner: MetaLearner, task, steps: int | None = None) -> tf.Tensor:
+def task_scores(learner: MetaLearner, task, steps: int | None = None, estimator=None) -> tf.Tensor:
     """Query loss (and metrics) of one task before and after adaptation, as a vector.
 
     Ordered as :func:`score_names`; the adaptation runs `steps` (default T) inner steps on the
-    support set from the current meta-parameters, without any outer tape.
+    support set from the current meta-parameters, without any outer tape; with an `estimator`
+    (and no `steps`), the estimator's own adaptation (:meth:`Estimator.evaluation_params`).
     """
     sx, sy, qx, qy = task
     meta = learner.unflatten(learner.meta_values())
     before, before_metrics = learner.outer_loss(meta.init, meta, qx, qy)
-    params = learner.adapt(meta, sx, sy, second_order=False, steps=steps)
+    if estimator is not None and steps is None:
+        from tfmeta.estimators.base import Task
+
+        params = estimator.evaluation_params(learner, meta, Task(sx, sy, qx, qy))
+    else:
+        params = learner.adapt(meta, sx, sy, second_order=False, steps=steps)
     after, after_metrics = learner.outer_loss(params, meta, qx, qy)
     row = [before, after]
     for m in learner.metric_names:
@@ -48,14 +54,15 @@ def task_scores(learner: MetaLearner, task, steps: int | None = None) -> tf.Tens
     return tf.stack([tf.cast(v, learner.dtype) for v in row])
 
 
-def batch_scores(learner: MetaLearner, tasks, steps: int | None = None) -> tf.Tensor:
+def batch_scores(learner: MetaLearner, tasks, steps: int | None = None, estimator=None) -> tf.Tensor:
     """[M, len(score_names)] scores of a batch of tasks (a `tf.map_fn`: no tape, no growth in M)."""
-    return tf.map_fn(lambda t: task_scores(learner, t, steps), tuple(tasks),
+    return tf.map_fn(lambda t: task_scores(learner, t, steps, estimator), tuple(tasks),
                      fn_output_signature=learner.dtype)
 
 
 def evaluate(
-    learner: MetaLearner, sampler, *, episodes: int = 600, steps: int | None = None, start: int = 0
+    learner: MetaLearner, sampler, *, episodes: int = 600, steps: int | None = None, start: int = 0,
+    estimator=None,
 ) -> dict[str, float]:
     """Adapt to `episodes` tasks from `sampler` and report means with 95% intervals.
 
@@ -64,7 +71,7 @@ def evaluate(
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes={episodes!r} is not valid: expected an integer >= 1.")
-    scorer = tf.function(lambda *tasks: batch_scores(learner, tasks, steps), reduce_retracing=True)
+    scorer = tf.function(lambda *tasks: batch_scores(learner, tasks, steps, estimator), reduce_retracing=True)
     rows = []
     index = start
     while sum(len(r) for r in rows) < episodes:

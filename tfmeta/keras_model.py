@@ -200,7 +200,7 @@ class MetaModel(keras.Model):
 
     def test_step(self, data):
         """Adapt to every task of the batch; query loss/accuracy after and before adaptation."""
-        rows = tf.reduce_mean(evaluation.batch_scores(self.learner, _tasks(data)), 0)
+        rows = tf.reduce_mean(evaluation.batch_scores(self.learner, _tasks(data), estimator=self.estimator), 0)
         values = {}
         for k, name in enumerate(evaluation.score_names(self.learner)):
             values[name[: -len("_after")] if name.endswith("_after") else name] = rows[k]

@@ -144,6 +144,14 @@ class Estimator(abc.ABC):
             meta, task.support_x, task.support_y, second_order=self.second_order, observer=observer
         )
 
+    def evaluation_params(self, learner: MetaLearner, meta, task: Task):
+        """Adapted parameters used to score a held-out task (no tape, no meta-gradient).
+
+        By default the learner's own inner loop (T steps of its optimizer on the support loss);
+        estimators whose adaptation is a different procedure (iMAML's proximal solve) override it.
+        """
+        return learner.adapt(meta, task.support_x, task.support_y, second_order=False)
+
     @abc.abstractmethod
     def task_gradient(
         self, learner: MetaLearner, meta_values: list[tf.Tensor], task: Task
