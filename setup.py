@@ -21,7 +21,9 @@ setup(
         "cpu": ["tensorflow-cpu==2.21.0"],
         # NVIDIA GPUs: TensorFlow with its CUDA libraries.
         "gpu": ["tensorflow[and-cuda]==2.21.0"],
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # `tfmeta bench --suite cost|accuracy --plot DIR`
+        "bench": ["matplotlib>=3.8"],
+        "test": ["pytest>=8", "hypothesis>=6", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["tfmeta=tfmeta.cli:main"]},
 )

@@ -83,6 +83,7 @@ def run(
     options: dict | None = None,
     strategy: str = "default",
     linearity_metrics: bool = False,
+    filters: int = 64,
 ) -> dict:
     """Time `steps` meta-steps after one compile-and-run call; returns the figures as a dict."""
     if estimator not in ESTIMATORS:
@@ -100,7 +101,7 @@ def run(
     tasks = random_tasks(meta_batch, ways, shots, query, seed=seed)
     with strat.scope():
         keras.utils.set_random_seed(seed)
-        net = models.conv4(ways)
+        net = models.conv4(ways, filters=filters)
         if estimator == "plain":
             call = _plain_step(net, tasks)
         else:
@@ -118,6 +119,7 @@ def run(
     return {
         "estimator": estimator,
         "model": model,
+        "filters": filters,
         "ways": ways,
         "shots": shots,
         "query": query,

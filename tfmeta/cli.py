@@ -154,14 +154,24 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time one meta-step configuration (conv4 on random inputs)")
     from tfmeta.bench import ESTIMATORS
-    bench.add_argument("--suite", default="step", choices=["step", "soak"],
-                       help="step: time one configuration; soak: 2,000 sinusoid meta-steps, memory every 100")
+    bench.add_argument("--suite", default="step", choices=["step", "soak", "cost", "accuracy"],
+                       help="step: time one configuration; soak: 2,000 sinusoid meta-steps, memory every "
+                            "100; cost: every estimator x inner steps, one process each; accuracy: every "
+                            "estimator on Omniglot for the same wall-clock budget")
+    bench.add_argument("--quick", action="store_true", help="cost suite: a small subset (about 3 minutes)")
+    bench.add_argument("--plot", default=None, metavar="DIR", help="cost/accuracy suites: write PNG plots to DIR")
+    bench.add_argument("--output", default=None, metavar="FILE", help="cost/accuracy suites: write the JSON report to FILE")
+    bench.add_argument("--data-dir", default=None, help="accuracy suite: Omniglot's original archives")
+    bench.add_argument("--budget-minutes", type=_positive_float, default=5.0,
+                       help="accuracy suite: meta-training wall-clock budget per estimator")
+    bench.add_argument("--filters", type=_positive_int, default=64, help="conv4 filters")
     bench.add_argument("--estimator", default="maml", choices=ESTIMATORS)
     bench.add_argument("--model", default="conv4", choices=["conv4"])
     bench.add_argument("--ways", type=_positive_int, default=5)
     bench.add_argument("--shots", type=_positive_int, default=1)
     bench.add_argument("--query", type=_positive_int, default=15)
-    bench.add_argument("--meta-batch", type=_positive_int, default=8)
+    bench.add_argument("--meta-batch", type=_positive_int, default=None,
+                       help="tasks per meta-step (default 8; cost suite 4, quick 2; accuracy 8)")
     bench.add_argument("--inner-steps", type=_positive_int, default=5)
     bench.add_argument("--steps", type=_positive_int, default=None,
                        help="timed meta-steps after the first call (default 5; soak: 2000)")
@@ -332,7 +342,28 @@ def cmd_export(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from tfmeta import bench
+    from tfmeta import bench, suites
+
+    if args.suite == "cost":
+        report = suites.cost(quick=args.quick, meta_batch=args.meta_batch, steps=args.steps,
+                             json_path=args.output, plot_dir=args.plot)
+        if not args.json:
+            for row in report["results"]:
+                figures = row.get("error") or (f"{row['seconds_per_step_median']:.3f} s/step, "
+                                               f"{row['peak_rss_mb']:.0f} MB")
+                print(f"{row['label']:>10} T={row['inner_steps']:<3} {figures}")
+            for name, target in report["targets"].items():
+                print(f"{name}: {target['value']:.2f} ({'met' if target['met'] else 'missed'})")
+        return report
+    if args.suite == "accuracy":
+        report = suites.accuracy(args.data_dir, budget_minutes=args.budget_minutes,
+                                 meta_batch=args.meta_batch or 8, json_path=args.output, plot_dir=args.plot)
+        if not args.json:
+            for row in report["results"]:
+                acc = row.get("accuracy_after")
+                print(f"{row['estimator']:>10}: " + (row.get("error") or
+                      f"{100 * acc:.2f}% ± {100 * row['accuracy_after_ci95']:.2f} after {row['steps']} meta-steps"))
+        return report
 
     if args.suite == "soak":
         steps = args.steps or 2000
@@ -344,7 +375,8 @@ def cmd_bench(args) -> dict:
 
     result = bench.run(
         args.estimator, model=args.model, ways=args.ways, shots=args.shots, query=args.query,
-        meta_batch=args.meta_batch, inner_steps=args.inner_steps, steps=args.steps or 5,
+        meta_batch=args.meta_batch or 8, inner_steps=args.inner_steps, steps=args.steps or 5,
+        filters=args.filters,
         unroll=args.unroll, parallel_tasks=args.parallel_tasks, seed=args.seed,
         options=estimator_options(args) if args.estimator != "plain" else {},
         strategy=args.strategy, linearity_metrics=args.linearity_metrics,

@@ -42,6 +42,12 @@ class _EveryStep(keras.callbacks.Callback):
         self.time_budget = time_budget
         self.began = time.monotonic()
 
+    def on_epoch_end(self, epoch, logs=None):
+        # Runs before later callbacks (CSVLogger, TensorBoard): curves against time and steps.
+        if logs is not None:
+            logs["meta_step"] = float(self.trainer.step.numpy())
+            logs["wall_seconds"] = time.monotonic() - self.began
+
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.trainer.step.numpy())
         entry = {k: float(v) for k, v in (logs or {}).items()}

@@ -1,0 +1,46 @@
+"""The cost benchmark suite at its --quick size: JSON schema and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tfmeta import suites
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = ("seconds_per_step_median", "seconds_per_step_min", "peak_rss_mb", "compile_seconds")
+
+
+def test_quick_cost_suite_writes_json_and_plots(tmp_path):
+    output, plots = tmp_path / "cost.json", tmp_path / "plots"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfmeta", "bench", "--suite", "cost", "--quick", "--json",
+         "--output", str(output), "--plot", str(plots)],
+        capture_output=True, text=True, timeout=400, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1/" in proc.stderr and "left" in proc.stderr  # progress display
+    report = json.loads(output.read_text())
+    assert report == json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["suite"] == "cost" and report["quick"] is True
+    labels = {r["label"] for r in report["results"]}
+    assert labels == {"plain", "maml", "fomaml", "reptile", "implicit", "shifting", "linearity", "reuse(2)"}
+    assert len(report["results"]) == len(suites.cost_configurations(quick=True))
+    for row in report["results"]:
+        assert "error" not in row, row
+        for key in FIGURES:
+            assert isinstance(row[key], float) and row[key] >= 0, (row["label"], key)
+    for name in ("time_vs_inner_steps.png", "memory_vs_inner_steps.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert isinstance(report["targets"], dict)
+
+
+def test_cost_configurations_cover_the_issue():
+    configs = suites.cost_configurations()
+    labels = {(n if n != "reuse" else f"reuse({o['reuse_window']})") for n, o, _ in configs}
+    assert labels >= {"plain", "maml", "fomaml", "reptile", "reuse(2)", "reuse(4)", "reuse(8)",
+                      "implicit", "shifting", "linearity"}
+    assert {t for n, _, t in configs if n == "implicit"} == {1, 2, 4, 8, 16, 32, 64, 100}
+    assert all(t >= o["reuse_window"] for n, o, t in configs if n == "reuse")
