@@ -236,7 +236,7 @@ def test_sinusoid_validation(kwargs, pattern):
 
 
 def test_make_sampler_rejects_unknown_names():
-    assert DATASETS == ("sinusoid", "omniglot")
+    assert DATASETS == ("sinusoid", "omniglot", "synthetic2d")
     with pytest.raises(ValueError, match=r"dataset.*'sinusoid', 'omniglot'.*'mnist'"):
         make_sampler("mnist", "train", ways=5, shots=1, query=1, meta_batch=1)
     with pytest.raises(ValueError, match=r"split.*'dev'"):

@@ -29,15 +29,21 @@ np.save(sys.argv[3], out["logits"].numpy())
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
+    """A float64 conv4 adapter: comparisons across processes test the logic, not float32 noise."""
     keras.utils.set_random_seed(0)
-    learner = MetaLearner(models.conv4(5, filters=8), inner_lr=0.4, inner_steps=3)
+    learner = MetaLearner(models.conv4(5, filters=8, dtype="float64"), inner_lr=0.4, inner_steps=3)
     root = tmp_path_factory.mktemp("sm")
     return learner, export.export_adapter(learner, str(root), "omni"), root
 
 
+def _tasks64(*args, **kwargs):
+    sx, sy, qx, qy = bench.random_tasks(*args, **kwargs)
+    return sx.astype("float64"), sy, qx.astype("float64"), qy
+
+
 def test_adapter_in_a_fresh_process_matches_adapt_then_predict(adapter, tmp_path):
     learner, path, _ = adapter
-    sx, sy, qx, _ = bench.random_tasks(1, 5, 1, 3, seed=4)
+    sx, sy, qx, _ = _tasks64(1, 5, 1, 3, seed=4)
     expected = MetaModel(learner).adapt(sx[0], sy[0])(qx[0], training=True).numpy()
     np.savez(tmp_path / "task.npz", sx=sx[0], sy=sy[0], qx=qx[0])
     script = tmp_path / "serve.py"
@@ -46,6 +52,7 @@ def test_adapter_in_a_fresh_process_matches_adapt_then_predict(adapter, tmp_path
                           capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-5)
+    assert np.load(tmp_path / "out.npy").dtype == np.float64
     before = tf.saved_model.load(path).signatures["serving_default"](x=tf.constant(qx[0]))["logits"]
     assert not np.allclose(before.numpy(), expected, atol=1e-3)  # adaptation changed the answer
 
@@ -66,7 +73,7 @@ def test_saved_model_cli_lists_both_signatures(adapter):
 ])
 def test_bad_serving_input_fails_in_the_graph(adapter, sy, message):
     _, path, _ = adapter
-    sx, _, qx, _ = bench.random_tasks(1, 5, 1, 2)
+    sx, _, qx, _ = _tasks64(1, 5, 1, 2)
     fn = tf.saved_model.load(path).signatures["adapt_and_predict"]
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         fn(support_x=tf.constant(sx[0]), support_y=tf.constant(sy), query_x=tf.constant(qx[0]))
