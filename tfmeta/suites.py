@@ -146,39 +146,47 @@ def cost_targets(results: list[dict]) -> dict:
     return targets
 
 
-def plot_cost(results: list[dict], plot_dir: str) -> list[str]:
-    """time_vs_inner_steps.png and memory_vs_inner_steps.png, one line per estimator."""
+def _save_plot(path: str, lines: dict, *, xlabel: str, ylabel: str, hline=None,
+               logx: bool = False, logy: bool = False, marker: str = "o") -> str:
+    """One PNG: `lines` maps a label to (xs, ys); `hline` is an optional (y, label) reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(plot_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in lines.items():
+        ax.plot(xs, ys, marker=marker, label=label)
+    if hline is not None:
+        ax.axhline(hline[0], color="gray", linestyle="--", label=hline[1])
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_cost(results: list[dict], plot_dir: str) -> list[str]:
+    """time_vs_inner_steps.png and memory_vs_inner_steps.png, one line per estimator."""
     paths = []
+    plain = _lookup(results, "plain", 0)
     for key, ylabel, name in (("seconds_per_step_median", "seconds per meta-step", "time_vs_inner_steps.png"),
                               ("peak_rss_mb", "peak resident memory (MB)", "memory_vs_inner_steps.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        labels = sorted({r["label"] for r in results if r["label"] != "plain"})
-        for label in labels:
+        lines = {}
+        for label in sorted({r["label"] for r in results if r["label"] != "plain"}):
             rows = sorted((r for r in results if r["label"] == label and "error" not in r),
                           key=lambda r: r["inner_steps"])
             if rows:
-                ax.plot([r["inner_steps"] for r in rows], [r[key] for r in rows], marker="o", label=label)
-        plain = _lookup(results, "plain", 0)
-        if plain:
-            ax.axhline(plain[key], color="gray", linestyle="--", label="plain step")
-        ax.set_xscale("log")
-        if key == "seconds_per_step_median":
-            ax.set_yscale("log")
-        ax.set_xlabel("inner steps T")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(plot_dir, name)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+                lines[label] = ([r["inner_steps"] for r in rows], [r[key] for r in rows])
+        paths.append(_save_plot(os.path.join(plot_dir, name), lines, xlabel="inner steps T", ylabel=ylabel,
+                                hline=(plain[key], "plain step") if plain else None, logx=True,
+                                logy=key == "seconds_per_step_median"))
     return paths
 
 
@@ -228,29 +236,16 @@ def _curve(path: str) -> list[dict]:
 
 def plot_accuracy(results: list[dict], plot_dir: str) -> list[str]:
     """accuracy_vs_time.png and accuracy_vs_steps.png (meta-validation accuracy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(plot_dir, exist_ok=True)
     paths = []
     for key, xlabel, name in (("wall_seconds", "wall-clock seconds", "accuracy_vs_time.png"),
                               ("meta_step", "meta-steps", "accuracy_vs_steps.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        lines = {}
         for row in results:
             points = [(p[key], p["val_accuracy"]) for p in row["curve"] if key in p and "val_accuracy" in p]
             if points:
-                ax.plot(*zip(*points), marker=".", label=row["estimator"])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("meta-validation accuracy (5-way 1-shot)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(plot_dir, name)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+                lines[row["estimator"]] = tuple(zip(*points))
+        paths.append(_save_plot(os.path.join(plot_dir, name), lines, xlabel=xlabel,
+                                ylabel="meta-validation accuracy (5-way 1-shot)", marker="."))
     return paths
 
 
