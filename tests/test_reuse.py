@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import keras
 
-from conftest import classification_tasks, small_dense, smooth_conv_bn
+from conftest import classification_tasks, fd_check, small_dense, smooth_conv_bn
 from tfmeta import cli, estimators, inner_optimizers
 from tfmeta.estimators.base import Task
 from tfmeta.estimators.reuse import (
@@ -35,22 +35,10 @@ def _adapted(learner, tasks, est, i=0):
     return est.adapted_params(learner, meta, Task(*(t[i] for t in tasks)))
 
 
-def _fd_error(learner, tasks, est, eps=1e-5, seed=1):
-    """Relative error of <meta-gradient, d> against a central difference of the meta-loss along d."""
-    assert learner.dtype == tf.float64
-    fn = tf.function(lambda values: est.meta_gradient(learner, tasks, values))
-    values = learner.meta_values()
-    result = fn(values)
-    rng = np.random.default_rng(seed)
-    direction = [tf.constant(rng.normal(size=v.shape), v.dtype) for v in values]
-
-    def loss_at(step):
-        return float(fn([v + step * d for v, d in zip(values, direction)]).loss)
-
-    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
-    analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(result.grads, direction))
+def _fd_error(learner, tasks, est):
+    error, analytic, result = fd_check(learner, tasks, est)
     assert abs(analytic) > 1e-6
-    return abs(numeric - analytic) / abs(analytic), result
+    return error, result
 
 
 def _max_rel_gap(a, b):
