@@ -59,7 +59,9 @@ def test_fit_with_callbacks_lowers_the_meta_loss(tmp_path):
         validation_data=val, validation_steps=4, verbose=0,
         callbacks=[counter, keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
                    keras.callbacks.TensorBoard(str(tmp_path / "tb")),
-                   keras.callbacks.EarlyStopping(monitor="val_loss", patience=5)],
+                   keras.callbacks.EarlyStopping(monitor="val_loss", patience=5),
+                   keras.callbacks.ModelCheckpoint(str(tmp_path / "best.weights.h5"), monitor="val_loss",
+                                                   save_weights_only=True, save_best_only=True)],
     )
     after = meta.evaluate(val, steps=4, return_dict=True, verbose=0)
     assert after["loss"] < 0.8 * before["loss"]
@@ -68,6 +70,10 @@ def test_fit_with_callbacks_lowers_the_meta_loss(tmp_path):
     assert int(meta.meta_step.numpy()) == 450
     assert set(history.history) >= {"loss", "val_loss", "val_loss_before"}
     assert (tmp_path / "log.csv").read_text().count("\n") == 4
+    restored = MetaModel(models.mlp(), task="regression", inner_lr=0.01, inner_steps=1)
+    restored.load_weights(str(tmp_path / "best.weights.h5"))  # the best epoch is the last here
+    for a, b in zip(restored.get_weights(), meta.get_weights()):
+        np.testing.assert_array_equal(a, b)
     assert {"train/epoch_loss", "validation/epoch_loss", "validation/epoch_loss_before"} <= \
         _scalars(str(tmp_path / "tb"))
 
