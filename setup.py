@@ -15,6 +15,7 @@ setup(
         "numpy>=1.26",
         "tensorflow-datasets>=4.9",
         "tensorboard>=2.20",  # tf.summary for the TensorBoard callback
+        "keras-tuner>=1.4.8",  # tfmeta search (Auto-Meta)
     ],
     extras_require={
         # CPU-only TensorFlow (small wheel); the default for laptops, CI and this project's machines.

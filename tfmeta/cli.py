@@ -1,4 +1,4 @@
-"""The `tfmeta` command line: train, evaluate, export, bench.
+"""The `tfmeta` command line: train, evaluate, export, bench, search.
 
 `tfmeta train` with no flags is the main job: sinusoid 5-shot regression with exact MAML, about
 a minute on two CPU cores, a progress bar, a final line comparing held-out MSE before and after
@@ -110,7 +110,7 @@ def _add_train_flags(p):
     _add_estimator_flags(p)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfmeta", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -181,6 +181,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     _add_estimator_flags(bench)
     _add_runtime_flags(bench)
+    if with_search:  # imports KerasTuner: only when the command may be `search`
+        from tfmeta.autometa import cli as autometa_cli
+
+        autometa_cli.add_parser(sub)
     return parser
 
 
@@ -387,11 +391,19 @@ def cmd_bench(args) -> dict:
     return result
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "bench": cmd_bench}
+def cmd_search(args) -> dict:
+    from tfmeta.autometa import cli as autometa_cli
+
+    return autometa_cli.run(args)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "bench": cmd_bench,
+            "search": cmd_search}
 
 
 def main(argv=None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(with_search=not argv or argv[0] in ("search", "-h", "--help"))
     args = parser.parse_args(argv)
     if args.command != "export":
         if getattr(args, "cpu_devices", 1) > 1:
