@@ -1,4 +1,19 @@
-"""tfmeta: fast, exact gradient-based meta-learning for TensorFlow 2 / Keras 3."""
+"""tfmeta: fast, exact gradient-based meta-learning for TensorFlow 2 / Keras 3.
+
+The public API, thin over the modules that implement it:
+
+- :class:`MetaLearner` (what is meta-learned), :class:`MetaModel` (Keras-native meta-training),
+  :class:`MetaTrainer` (runs with checkpoints and guards);
+- :mod:`tfmeta.estimators` (``estimators.get("maml" | "fomaml" | "reptile" | "reuse" | "implicit"
+  | "shifting" | "linearity")``), :mod:`tfmeta.inner_optimizers`, :mod:`tfmeta.implicit`;
+- :mod:`tfmeta.data`, :mod:`tfmeta.models`, :mod:`tfmeta.evaluation`, :mod:`tfmeta.export`.
+
+Example:
+    >>> import keras, tfmeta
+    >>> learner = tfmeta.MetaLearner(tfmeta.models.mlp(), task="regression", inner_lr=0.01)
+    >>> trainer = tfmeta.MetaTrainer(learner, "maml", keras.optimizers.Adam(1e-3))
+    >>> trainer.fit(tfmeta.data.SinusoidTasks(shots=5, query=10, meta_batch=25), iterations=1000)
+"""
 
 from tfmeta import _backend  # noqa: F401  (sets KERAS_BACKEND before Keras loads)
 from tfmeta import runtime as _runtime
@@ -7,4 +22,14 @@ from tfmeta import runtime as _runtime
 # (AlreadyExistsError on the second call): see tfmeta.runtime.disable_addn_scheduling.
 _runtime.disable_addn_scheduling()
 
+from tfmeta import data, estimators, evaluation, export, inner_optimizers, models  # noqa: E402
+from tfmeta.keras_model import MetaModel  # noqa: E402
+from tfmeta.learner import MetaLearner, MetaParams  # noqa: E402
+from tfmeta.training import MetaTrainer, NonFiniteMetaStepError  # noqa: E402
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "MetaLearner", "MetaModel", "MetaParams", "MetaTrainer", "NonFiniteMetaStepError",
+    "data", "estimators", "evaluation", "export", "inner_optimizers", "models",
+]
