@@ -91,6 +91,7 @@ class MetaModel(keras.Model):
         self.on_nonfinite = "stop"
         #: how many times the meta-step was traced (a retrace after warm-up is a bug: see bench soak).
         self.trace_count = 0
+        self._adapt_fns = {}
         self.built = True
 
     # -- Keras plumbing --------------------------------------------------------------------------
@@ -249,7 +250,9 @@ class MetaModel(keras.Model):
             raise ValueError(
                 f"support_x {sx.shape} and support_y {sy.shape} must hold the same number of examples."
             )
-        params = _adapt_fn(learner, steps)(sx, sy)
+        if steps not in self._adapt_fns:  # one compiled adaptation per step count, not per call
+            self._adapt_fns[steps] = _adapt_fn(learner, steps)
+        params = self._adapt_fns[steps](sx, sy)
         clone = keras.models.clone_model(self.base_model)
         clone.set_weights(self.base_model.get_weights())
         for variable, value in zip(clone.trainable_variables, params):
