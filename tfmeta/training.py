@@ -102,12 +102,12 @@ class MetaTrainer:
         self.checkpoint_every = checkpoint_every
         self.manager = None
         if checkpoint_dir is not None:
-            ckpt = tf.train.Checkpoint(
-                meta_variables=list(learner.meta_variables),
-                optimizer=self.meta_optimizer,
-                step=self.step,
-                estimator=list(getattr(self.estimator, "variables", [])),
+            parts = dict(
+                meta_variables=list(learner.meta_variables), optimizer=self.meta_optimizer, step=self.step
             )
+            if self.estimator.state is not None:
+                parts["estimator"] = self.estimator.state
+            ckpt = tf.train.Checkpoint(**parts)
             self.manager = tf.train.CheckpointManager(ckpt, checkpoint_dir, max_checkpoints)
 
     def _non_finite(self, err: Exception) -> NonFiniteMetaStepError:

@@ -115,6 +115,16 @@ class Estimator(abc.ABC):
         self.parallel_tasks = parallel_tasks
         self.linearity_metrics = linearity_metrics
 
+    @property
+    def state(self):
+        """The estimator's own state for checkpoints (a trackable), or None when it has none.
+
+        Stateless estimators (all but trajectory shifting) return None. A stateful one returns
+        its state once :meth:`check` built it; checkpoint it beside the meta-parameters:
+        ``tf.train.Checkpoint(meta=learner.meta_variables, estimator=estimator.state)``.
+        """
+        return None
+
     def check(self, learner: MetaLearner) -> None:
         """Raise ValueError if this estimator cannot train `learner` (called before tracing)."""
 

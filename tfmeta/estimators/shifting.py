@@ -33,9 +33,14 @@ t is row t of every batch, so the sampler must give row t the same task during a
 The per-task parameters and inner-optimizer states live in ``tf.Variable`` s owned by the
 estimator (leading dimension T, left unknown so the traced meta-step does not depend on M); they
 are created by :meth:`Shifting.check` (MetaTrainer calls it before it builds its checkpoint) or on
-the first call (under ``tf.init_scope``) and listed by :attr:`Shifting.variables` for
-checkpoints. A round is M repetitions of K calls; at the start of a round the learners and the
-optimizer states start afresh from phi. Between repetitions the optimizer state is kept (the
+the first call (under ``tf.init_scope``); :attr:`Shifting.state` is what a checkpoint holds.
+Under a ``tf.distribute`` strategy the task learners stay on the replica that runs their tasks:
+the variables are per replica (:mod:`tfmeta.replica_state`), each replica shifts and steps its
+own rows, the only communication is the meta-gradient all-reduce of every call (one per inner
+step), and a checkpoint gathers every replica's rows in task order.
+
+A round is M repetitions of K calls; at the start of a round the learners and the optimizer
+states start afresh from phi. Between repetitions the optimizer state is kept (the
 authors found resetting makes no difference; supplementary C.2) unless ``reset_state=True``.
 
 Task-specific parts
@@ -75,6 +80,7 @@ import tensorflow as tf
 from tfmeta import functional, inner_optimizers
 from tfmeta.data.episodes import TaskBatch, check_index, check_positive_int, make_dataset
 from tfmeta.estimators.base import Estimator, Flag, MetaGradient, Task, register
+from tfmeta.replica_state import TaskRows, replica_variable
 
 SHIFT_GRADS = ("reptile", "fomaml")
 TASK_SPECIFIC = ("none", "head")
@@ -160,7 +166,7 @@ class Shifting(Estimator):
     Example:
         >>> est = Shifting(horizon=4, repeats=2)
         >>> trainer = MetaTrainer(learner, est, keras.optimizers.SGD(0.1))
-        >>> ckpt = tf.train.Checkpoint(meta=learner.meta_variables, estimator=est.variables)
+        >>> ckpt = tf.train.Checkpoint(meta=learner.meta_variables, estimator=est.state)
     """
 
     name = "shifting"
@@ -209,8 +215,9 @@ class Shifting(Estimator):
     def variables(self) -> list[tf.Variable]:
         """Every state variable (calls counter, phi_before, task parameters, optimizer states).
 
-        Empty until :meth:`check` or the first call built them. Add them to a checkpoint:
-        ``tf.train.Checkpoint(..., estimator=estimator.variables)``.
+        Empty until :meth:`check` or the first call built them. Under a tf.distribute strategy
+        they are per-replica (read across replicas they show replica 0's tasks): checkpoint
+        :attr:`state`, which gathers every replica's rows.
         """
         return list(self._variables)
 
@@ -234,24 +241,31 @@ class Shifting(Estimator):
                     f"({self._signature[1]}), not {shapes} ({learner.dtype.name}): use a new estimator "
                     "for another learner."
                 )
+            self._check_strategy()
             return
         dtype = learner.dtype
+        strategy = tf.distribute.get_strategy()
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            raise ValueError(
+                "estimator='shifting' must build its task learners before the meta-step runs "
+                "under a tf.distribute strategy: call estimator.check(learner) (MetaModel.compile "
+                "does) inside strategy.scope()."
+            )
         with tf.init_scope():
             zeros = [tf.zeros(s, dtype) for s in shapes]
             structure = learner.inner_optimizer.init(zeros)
             leaves = tf.nest.flatten(structure)
 
-            def stacked(name, like):
+            def stacked(name, like):  # one row per task learner, on the replica running the task
                 like = tf.convert_to_tensor(like)
-                return tf.Variable(
+                return replica_variable(
                     tf.zeros([0] + like.shape.as_list(), like.dtype),
-                    shape=tf.TensorShape([None] + like.shape.as_list()),
-                    trainable=False, name=f"shifting/{name}",
+                    shape=[None] + like.shape.as_list(), name=f"shifting/{name}",
                 )
 
-            self.calls = tf.Variable(0, dtype=tf.int64, trainable=False, name="shifting/calls")
+            self.calls = replica_variable(tf.constant(0, tf.int64), name="shifting/calls")
             self.phi_before = [
-                tf.Variable(z, trainable=False, name=f"shifting/phi_before_{j}") for j, z in enumerate(zeros)
+                replica_variable(z, name=f"shifting/phi_before_{j}") for j, z in enumerate(zeros)
             ]
             self.theta = [stacked(f"theta_{j}", z) for j, z in enumerate(zeros)]
             self.opt_state = [stacked(f"opt_state_{j}", leaf) for j, leaf in enumerate(leaves)]
@@ -261,11 +275,38 @@ class Shifting(Estimator):
                 self.start_state = [stacked(f"start_state_{j}", leaf) for j, leaf in enumerate(leaves)]
         self._structure = structure
         self._specific = specific
-        self._variables = (
-            [self.calls] + self.phi_before + self.theta + self.opt_state + self.start_theta
-            + self.start_state
-        )
+        self._strategy = strategy
+        rows = self.theta + self.opt_state + self.start_theta + self.start_state
+        self._variables = [self.calls] + self.phi_before + rows
+        self._state = tf.Module(name="shifting_state")
+        self._state.calls = self.calls
+        self._state.phi_before = self.phi_before
+        self._state.tasks = TaskRows(rows, strategy)
         self._signature = signature
+
+    @property
+    def state(self):
+        """What a checkpoint holds: the call counter, phi_before and the task learners' rows.
+
+        Under a tf.distribute strategy each replica keeps the rows of its own tasks
+        (:mod:`tfmeta.replica_state`); a checkpoint stores every replica's rows in task order and
+        restores them over the replicas present then. ``None`` until :meth:`check` (or the first
+        call) built the state.
+
+        Example:
+            >>> ckpt = tf.train.Checkpoint(meta=learner.meta_variables, estimator=est.state)
+        """
+        return getattr(self, "_state", None)
+
+    def _check_strategy(self) -> None:
+        current = tf.distribute.get_strategy()
+        if current is not self._strategy:
+            raise ValueError(
+                "this shifting estimator built its task learners under strategy "
+                f"{type(self._strategy).__name__} and is now used under {type(current).__name__}: "
+                "build it (estimator.check(learner), MetaModel.compile) inside the scope of the "
+                "strategy that trains it, or use a new estimator."
+            )
 
     def reset(self) -> None:
         """Start a new round at the next call: task learners and optimizer states from phi."""
@@ -295,12 +336,6 @@ class Shifting(Estimator):
         self.build(learner)
 
     def _validate(self, learner) -> None:
-        if tf.distribute.has_strategy():
-            raise ValueError(
-                "estimator='shifting' keeps its task learners in estimator state, which a "
-                f"tf.distribute strategy ({type(tf.distribute.get_strategy()).__name__}) would "
-                "mirror across replicas: run it with strategy='default' (--strategy default)."
-            )
         if getattr(self, "linearity_metrics", False):
             raise ValueError(
                 "linearity_metrics=True is not available with estimator='shifting': its task "
