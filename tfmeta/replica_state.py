@@ -83,8 +83,8 @@ class TaskRows(tf.__internal__.tracking.Trackable):
         """Every replica's rows concatenated in replica order (collective across workers)."""
         if not any(_distributed(v) for v in self._variables):
             return [v.read_value() for v in self._variables]
-        local = self._strategy.experimental_local_results(self._variables[0]) if self._variables else ()
-        if all(int(tf.shape(v)[0]) == 0 for v in local):
+        components = self._strategy.experimental_local_results(self._variables[0]) if self._variables else ()
+        if tf.executing_eagerly() and all(int(tf.shape(v)[0]) == 0 for v in components):
             # Nothing stored yet (e.g. a fresh state being restored into): an all-gather of
             # empty tensors crashes TensorFlow's collectives, and there is nothing to gather.
             return [tf.zeros([0] + v.shape.as_list()[1:], v.dtype) for v in self._variables]
@@ -102,14 +102,14 @@ class TaskRows(tf.__internal__.tracking.Trackable):
 
     def assign_global(self, values: Sequence) -> None:
         """Give replica r rows ``r * n ... (r + 1) * n - 1`` of every value (n = rows / replicas)."""
-        values = [tf.convert_to_tensor(x, v.dtype) for x, v in zip(values, self._variables)]
         if len(values) != len(self._variables):
-            raise ValueError(f"expected {len(self._variables)} values, got {len(values)}.")
+            raise ValueError(f"values: expected {len(self._variables)} tensors, got {len(values)}.")
+        values = [tf.convert_to_tensor(x, v.dtype) for x, v in zip(values, self._variables)]
         strategy = self._strategy
         replicas = strategy.num_replicas_in_sync
         for x in values:
-            rows = int(x.shape[0])
-            if rows % replicas:
+            rows = x.shape[0]  # static here (checkpoints restore eagerly); unknown: not checked
+            if rows is not None and rows % replicas:
                 raise ValueError(
                     f"the saved state holds {rows} task rows, which cannot be split evenly over "
                     f"{replicas} replicas: resume with a replica count that divides {rows}."
