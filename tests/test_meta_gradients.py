@@ -118,3 +118,48 @@ def test_task_loop_averages_per_task_meta_gradients(float64):
         mean = sum(s.grads[k] for s in singles) / 3
         np.testing.assert_allclose(g.numpy(), mean.numpy(), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(float(whole.loss), np.mean([float(s.loss) for s in singles]))
+
+
+def _op_types(fn) -> set:
+    graph_def = fn.get_concrete_function().graph.as_graph_def()
+    ops = {n.op for n in graph_def.node}
+    for function in graph_def.library.function:
+        ops |= {n.op for n in function.node_def}
+    return ops
+
+
+def _maml_grads(model, tasks, *, check_fused=False):
+    learner = MetaLearner(model, inner_optimizer=inner_optimizers.momentum(0.3, momentum=0.9), inner_steps=3)
+    fn = tf.function(lambda: estimators.get("maml").meta_gradient(learner, tasks).grads)
+    if check_fused:  # the float32 conv net really runs the fused op and its second derivative
+        assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= _op_types(fn)
+    return np.concatenate([g.numpy().ravel().astype(np.float64) for g in fn()])
+
+
+def test_fused_batchnorm_in_the_query_pass_keeps_the_meta_gradient_exact(monkeypatch):
+    """The float32 query pass takes FusedBatchNormV3: the MAML meta-gradient (momentum inner
+    optimizer, tf.while_loop) must equal the float64 exact-moments one (FD-checked above) to
+    float32 round-off. Fused BN inside the inner loop would fail this check (TF 2.21 gets its
+    second derivative wrong there: 2.9% off in this setting), and so does stock Keras BN."""
+    tasks64 = classification_tasks(2, 3, 2, 3, (6, 6, 1))
+    tasks32 = tuple(tf.cast(t, "float32") if t.dtype == tf.float64 else t for t in tasks64)
+    model32 = smooth_conv_bn()
+    fused = _maml_grads(model32, tasks32, check_fused=True)
+    previous, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        model64 = smooth_conv_bn()
+        model64.set_weights([w.astype("float64") for w in model32.get_weights()])
+        exact = _maml_grads(model64, tasks64)
+    finally:
+        keras.config.set_floatx(previous)
+        keras.config.set_dtype_policy(policy)
+    error = np.linalg.norm(fused - exact) / np.linalg.norm(exact)
+    assert error < 1e-4, error
+
+    monkeypatch.setattr(functional, "_fused_batch_call",
+                        lambda layer, x, training=None, mask=None: type(layer).call(layer, x, training, mask))
+    monkeypatch.setattr(functional, "_exact_moments", lambda layer, x, mask: type(layer)._moments(layer, x, mask))
+    stock = _maml_grads(smooth_conv_bn(), tasks32)
+    assert np.linalg.norm(stock - exact) / np.linalg.norm(exact) > 1e-2

@@ -193,8 +193,12 @@ class MetaLearner:
         return self.task_loss(self.fmodel(params, x), y)
 
     def outer_loss(self, params, meta: MetaParams, x, y) -> tuple[tf.Tensor, dict]:
-        """Query loss after adaptation, and the task metrics (accuracy for classification)."""
-        outputs = self.fmodel(params, x)
+        """Query loss after adaptation, and the task metrics (accuracy for classification).
+
+        The query pass is differentiated once (never inside an inner loop), so it may use fused
+        BatchNorm (see `FunctionalModel.__call__`).
+        """
+        outputs = self.fmodel(params, x, fused_batchnorm=True)
         if self._outer_loss is not None:
             loss = self._outer_loss(self, params, meta, x, y)
         else:
