@@ -444,6 +444,25 @@ def test_pretraining_teacher_is_a_moving_average(float64):
     assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in result.grads)
 
 
+def test_pretraining_teacher_is_in_the_trainers_checkpoint(float64, tmp_path):
+    tasks = classification_tasks(2, 3, 2, 3, (4,))
+
+    def make(seed):
+        learner = MetaLearner(small_dense(seed=seed), inner_lr=0.5, inner_steps=2)
+        est = LILPretraining(teacher_momentum=0.5)
+        return est, MetaTrainer(learner, est, keras.optimizers.SGD(0.1), checkpoint_dir=str(tmp_path))
+
+    est, trainer = make(0)
+    for _ in range(3):
+        trainer.train_step(tasks)
+    trainer.save()
+    saved = [v.numpy() for v in est.teacher]
+    est2, trainer2 = make(7)  # another init: the teacher must come from the checkpoint
+    assert trainer2.restore() == 3
+    for a, v in zip(saved, est2.teacher):
+        np.testing.assert_array_equal(a, v.numpy())
+
+
 def test_pretraining_lowers_its_phase_loss_then_fomaml_runs(float64):
     keras.utils.set_random_seed(0)
     learner = MetaLearner(small_dense(), inner_lr=0.5, inner_steps=3)

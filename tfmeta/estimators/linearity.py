@@ -213,7 +213,7 @@ class LILPretraining(Estimator):
 
     Each :meth:`meta_gradient` call first moves the teacher: teacher <- m teacher + (1 - m) theta
     (the teacher starts at theta, when :meth:`check` or the first call creates it), so call it
-    once per meta-step. :attr:`variables` holds the teacher, for checkpoints.
+    once per meta-step. :attr:`state` holds the teacher, for checkpoints.
 
     Example:
         >>> MetaTrainer(learner, LILPretraining()).fit(sampler, 15000)
@@ -245,8 +245,13 @@ class LILPretraining(Estimator):
 
     @property
     def variables(self) -> list:
-        """The teacher's variables (estimator state that a checkpoint should hold)."""
+        """The teacher's variables."""
         return list(self.teacher or [])
+
+    @property
+    def state(self):
+        """The teacher, what a checkpoint holds of this estimator (None until :meth:`check`)."""
+        return None if self.teacher is None else list(self.teacher)
 
     def metric_names(self, learner):
         return tuple(learner.metric_names) + ("phase_loss",)
