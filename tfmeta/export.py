@@ -70,10 +70,12 @@ def clean_stale_tmp(root: str) -> list[str]:
 
 
 def _check_finite(values, what: str) -> None:
+    values = list(values)
     for i, value in enumerate(values):
         value = tf.convert_to_tensor(value)
         if value.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(value))):
-            raise ValueError(f"{what} {i} holds NaN or Inf: refusing to export a model that would predict NaN.")
+            name = what if len(values) == 1 else f"{what} {i}"
+            raise ValueError(f"{name} holds NaN or Inf: refusing to export a model that would predict NaN.")
 
 
 def _write_version(base_dir: str, name: str, write) -> str:

@@ -222,7 +222,7 @@ class MetaModel(keras.Model):
         _assign_all(state, [tf.where(sound, u, s) for u, s in zip(updated, snapshot)])
         # read back after the restore, so that a failing check below cannot pre-empt it
         restored = [tf.identity(_tf_variable(v)) for v in state]
-        bad_update = f"{NONFINITE_MARKER}: the meta-optimizer's update at meta-step"
+        bad_update = f"{NONFINITE_MARKER}: the meta-optimizer update at meta-step"
         if self.on_nonfinite == "stop":
             with tf.control_dependencies(restored):
                 sound = tf.identity(sound)

@@ -181,7 +181,7 @@ class MetaTrainer:
                 f"were skipped as non-finite (estimator {self.estimator.name!r}); the meta-parameters are "
                 f"those of the last finite step.{where} Lower --meta-lr or --inner-lr, or set clip_norm."
             )
-        if "meta-optimizer's update" in text:
+        if "the meta-optimizer update at" in text:
             return NonFiniteMetaStepError(
                 f"meta-step {step}: the meta-optimizer's update made the meta-parameters or its state "
                 f"non-finite (estimator {self.estimator.name!r}); it was undone.{where} "
