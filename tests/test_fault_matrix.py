@@ -253,7 +253,7 @@ def test_5_corrupt_checkpoint_is_named_and_an_older_one_offered(run_copy, capsys
     run, models = run_copy
     name = _corrupt(run, how)
     before = _hashes(run, models)
-    argv = (["train", "--resume", run, *FAST] if command == "train" else
+    argv = (["train", "--resume", run, "--iterations", "8", *FAST] if command == "train" else
             [command, "--run", run] + (["--episodes", "2"] if command == "evaluate" else ["--export-dir", models]))
     rc, _, err = _cli(capsys, *argv)
     assert rc == 2
