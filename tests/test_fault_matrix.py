@@ -297,7 +297,8 @@ def test_6_out_naming_a_file_or_a_path_under_a_file(tmp_path, capsys):
     (["train", "--time-budget", "-1"], "--time-budget"),
     (["train", "--time-budget", "nan"], "--time-budget"),
 ])
-def test_6_8_bad_numbers_are_named(capsys, argv, flag):  # findings 6 (threads) and 8 (inf, time budget)
+def test_6_8_bad_numbers_are_named(capsys, argv, flag, tmp_path, monkeypatch):  # findings 6 and 8
+    monkeypatch.chdir(tmp_path)  # were a flag accepted, its run would write here
     rc, _, err = _cli(capsys, *argv)
     assert rc == 2 and f"argument {flag}: expected" in err
 

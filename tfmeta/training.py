@@ -302,6 +302,7 @@ class MetaTrainer:
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations={iterations!r} is not valid: expected an integer >= 1.")
         start = self.restore(checkpoint)
+        self.meta_model.consecutive_skips.assign(0)  # max_skips counts within one fit
         remaining = iterations - start
         history: list[dict] = []
         if remaining <= 0:
