@@ -179,7 +179,7 @@ class MetaTrainer:
             return NonFiniteMetaStepError(
                 f"meta-step {step}: more than max_skips={self.meta_model.max_skips} meta-steps in a row "
                 f"were skipped as non-finite (estimator {self.estimator.name!r}); the meta-parameters are "
-                f"those of the last finite step.{where} Lower --meta-lr or --inner-lr, or set clip_norm."
+                f"those from before the skipped steps.{where} Lower --meta-lr or --inner-lr, or set clip_norm."
             )
         if "the meta-optimizer update at" in text:
             return NonFiniteMetaStepError(
