@@ -476,3 +476,79 @@ def test_sinusoid_meta_loss_drops():
     losses = [trainer.train_step(sampler.sample(i))["loss"] for i in range(200)]
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
     assert last < 0.75 * first, (first, last)
+
+
+# -- against a direct solve: weight decay in the gd solver, BatchNorm --------------------------------
+def _direct_meta_gradient(learner, est, task, lam, decay=0.0, eps=1e-5):
+    """lam (H + (lam + decay) I)^-1 v with H from central differences of the support-loss
+    gradient (exact first derivatives only, so BatchNorm's second-order terms are not assumed) and
+    numpy's dense solve; all weights adapt. Also returns ||grad G_decay|| at the solver's phi."""
+    meta = learner.unflatten(learner.meta_values())
+    phi = tf.function(lambda: est.adapted_params(learner, meta, task))()
+    shapes = [p.shape for p in phi]
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    def unflat(flat):
+        return [tf.reshape(p, s) for p, s in zip(tf.split(flat, sizes), shapes)]
+
+    def flat_grad(loss_fn, flat):
+        params = unflat(flat)
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = loss_fn(params)
+        return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, params)], 0)
+
+    train = tf.function(lambda f: flat_grad(
+        lambda p: learner.inner_loss(p, meta, task.support_x, task.support_y), f))
+    test = tf.function(lambda f: flat_grad(
+        lambda p: learner.outer_loss(p, meta, task.query_x, task.query_y)[0], f))
+    x = tf.concat([tf.reshape(p, [-1]) for p in phi], 0)
+    theta = tf.concat([tf.reshape(p, [-1]) for p in meta.init], 0).numpy()
+    eye = np.eye(len(theta))
+    h = np.stack([(train(x + eps * e) - train(x - eps * e)).numpy() / (2 * eps) for e in tf.constant(eye)])
+    h = (h + h.T) / 2
+    residual = train(x).numpy() + lam * (x.numpy() - theta) + decay * x.numpy()
+    v = test(x).numpy()
+    return lam * np.linalg.solve(h + (lam + decay) * eye, v), np.linalg.norm(residual), h, v
+
+
+def _flat(grads):
+    return np.concatenate([g.numpy().ravel() for g in grads])
+
+
+def test_gd_solver_with_weight_decay_is_differentiated_at_the_decayed_fixed_point(float64):
+    """Momentum with weight decay omega converges to grad G + omega phi = 0, so the implicit
+    system is lam (H + (lam + omega) I)^-1 v, not lam (H + lam I)^-1 v."""
+    from tfmeta import inner_optimizers
+
+    lam, omega = 2.0, 0.5
+    optimizer = inner_optimizers.momentum(0.1, momentum=0.9, weight_decay=omega)
+    learner = MetaLearner(small_dense(), inner_optimizer=optimizer, inner_steps=600)
+    tasks = classification_tasks(1, 3, 2, 3, (4,), seed=21)
+    task = estimators.Task(*(t[0] for t in tasks))
+    est = Implicit(lam=lam, cg_steps=60, inner_solver="gd")
+    direct, residual, h, v = _direct_meta_gradient(learner, est, task, lam, omega)
+    assert residual < 1e-9  # the solver reached the decayed fixed point
+    result = tf.function(lambda *t: est.meta_gradient(learner, t))(*tasks)
+    got = _flat(result.grads)
+    assert float(result.metrics["inner_grad_norm"]) < 1e-9
+    assert np.linalg.norm(got - direct) / np.linalg.norm(direct) < 1e-7
+    # the undecayed system gives a visibly different answer: the check can fail
+    undecayed = lam * np.linalg.solve(h + lam * np.eye(len(v)), v)
+    assert np.linalg.norm(undecayed - direct) / np.linalg.norm(direct) > 1e-2
+
+
+@pytest.mark.parametrize("solver", ["gd", "hessian-free"])
+def test_batchnorm_meta_gradient_matches_a_direct_solve(float64, solver):
+    """A float64 Conv + BatchNorm net (batch statistics, all weights adapt): the implicit
+    meta-gradient equals lam (H + lam I)^-1 v with H from finite differences of exact first
+    derivatives, so BatchNorm's second-order terms are checked, not assumed."""
+    lam = 2.0
+    learner = MetaLearner(smooth_conv_bn(size=4, seed=22), inner_lr=0.1, inner_steps=300)
+    tasks = classification_tasks(1, 3, 2, 3, (4, 4, 1), seed=22)
+    task = estimators.Task(*(t[0] for t in tasks))
+    est = Implicit(lam=lam, cg_steps=80, inner_solver=solver, newton_steps=8, newton_cg_steps=80)
+    direct, residual, _, _ = _direct_meta_gradient(learner, est, task, lam)
+    assert residual < 1e-8
+    got = _flat(tf.function(lambda *t: est.meta_gradient(learner, t))(*tasks).grads)
+    assert np.linalg.norm(got - direct) / np.linalg.norm(direct) < 1e-6
