@@ -157,6 +157,9 @@ class Implicit(Estimator):
         Flag("lam", float, 1.0, "implicit: proximal regularization strength lambda > 0 (Eq. 3)"),
         Flag("cg_steps", int, 5, "implicit: conjugate-gradient steps for the meta-gradient (0: first order)"),
         Flag("inner_solver", str, "gd", f"implicit: inner solver, one of {list(INNER_SOLVERS)}"),
+        Flag("newton_steps", int, None,
+             "implicit: Newton-CG iterations of --inner-solver hessian-free (None: the inner steps "
+             "T; Rajeswaran et al. 2019, Appendix F.2, use 3)"),
     )
 
     def __init__(
