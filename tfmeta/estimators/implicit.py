@@ -48,7 +48,7 @@ the learner's ``meta_network``) gets d L_test / d log lambda_k = -<g_k, phi_k - 
 same way. Meta-SGD rates do not exist here (there is no differentiated learning rate) and other
 meta-networks are not supported.
 
-Metrics: ``inner_grad_norm`` = ||grad_phi G(phi)|| at the returned phi (how far from the proximal
+Metrics: ``inner_grad_norm`` = ||grad_phi G(phi)|| (G_omega with weight decay) at the returned phi (how far from the proximal
 minimiser: the delta of Algorithm 2), and, when ``cg_steps > 0``, ``cg_residual`` =
 ||v - (I + H Lambda^-1) g|| / ||v|| (the delta' of Algorithm 2, relative).
 
