@@ -54,6 +54,26 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _threads(text: str):
     if text == "auto":
         return text
@@ -120,6 +140,10 @@ def _add_train_flags(p):
     p.add_argument("--inner-lr", type=_positive_float, default=None, help="inner learning rate (default 0.4; 0.01 for sinusoid)")
     p.add_argument("--inner-optimizer", default=None, choices=sorted(INNER_OPTIMIZERS),
                    help="default sgd (momentum for synthetic2d)")
+    p.add_argument("--inner-momentum", type=_unit_float, default=None,
+                   help="momentum mu of --inner-optimizer momentum (Kim et al. 2020, Eq. 5; default 0.9)")
+    p.add_argument("--inner-weight-decay", type=_nonnegative_float, default=None,
+                   help="weight decay omega of --inner-optimizer momentum (Kim et al. 2020, Eq. 5; default 0)")
     p.add_argument("--adapt", default="all", choices=["all", "head", "body"],
                    help="weights adapted in the inner loop: all (MAML), head (ANIL), body (BOIL)")
     p.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="meta learning rate")
@@ -131,12 +155,48 @@ def _add_train_flags(p):
     _add_estimator_flags(p)
 
 
+def _add_preset_flag(p):
+    from tfmeta.presets import PRESETS
+
+    p.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
+                   help="a paper's settings (flags given explicitly override them; see "
+                        "docs/presets.md): " + ", ".join(PRESETS))
+
+
+def _given_train_flags(argv) -> set[str]:
+    """Destinations of the `train` flags typed on the command line (abbreviations included)."""
+    parser = _parser(with_search=False)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def apply_preset(args, argv) -> None:
+    """Give `args` the values of its `--preset`, except for the flags typed in `argv`."""
+    from tfmeta import presets
+
+    presets.apply(args.preset, args, _given_train_flags(argv))
+    preset = presets.get(args.preset)
+    print(f"preset {args.preset}: {preset.citation}, {preset.where}", file=sys.stderr)
+
+
+def run_config(args):
+    """The resolved RunConfig of parsed `tfmeta train` arguments (a new run)."""
+    from tfmeta.config import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                     estimator_options=estimator_options(args)).resolved()
+
+
 def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfmeta", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="meta-train a model (default: sinusoid MAML, about a minute)")
     _add_train_flags(train)
+    _add_preset_flag(train)
     train.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<estimator>-<time>)")
     train.add_argument("--resume", default=None, metavar="RUNDIR",
                        help="continue the run in RUNDIR (may change: " + ", ".join(
@@ -395,9 +455,7 @@ def cmd_train(args) -> dict:
         if args.checkpoint is not None:
             raise ValueError(f"--checkpoint={args.checkpoint!r} needs --resume RUNDIR (it picks the "
                              "checkpoint a run continues from).")
-        fields = {f.name for f in dataclasses.fields(RunConfig)}
-        config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields},
-                           estimator_options=estimator_options(args)).resolved()
+        config = run_config(args)
         run_dir = args.out or os.path.join(
             _RUNS, f"{config.dataset}-{config.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
@@ -596,6 +654,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "train" and args.resume:
             args._given = _given_flags(argv, "train")
+        if args.command == "train" and args.preset and not args.resume:
+            apply_preset(args, argv)
         if args.command != "export":
             if getattr(args, "cpu_devices", 1) > 1:
                 runtime.split_cpu(args.cpu_devices)

@@ -15,7 +15,7 @@ from tfmeta import _backend  # noqa: F401
 
 import keras
 
-from tfmeta import data, estimators, models
+from tfmeta import data, estimators, inner_optimizers, models
 from tfmeta.learner import MetaLearner
 
 META_OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
@@ -46,6 +46,10 @@ class RunConfig:
     inner_steps: int | None = None
     inner_lr: float | None = None
     inner_optimizer: str | None = None
+    #: mu and omega of the momentum inner optimizer (Eq. 5 of 000_6b55c9a7831360bd.txt);
+    #: None: the optimizer's defaults (0.9, 0).
+    inner_momentum: float | None = None
+    inner_weight_decay: float | None = None
     adapt: str = "all"
     meta_lr: float = 1e-3
     meta_optimizer: str = "adam"
@@ -56,6 +60,8 @@ class RunConfig:
     estimator_options: dict = dataclasses.field(default_factory=dict)
     #: log the LIL linearity metrics (PC, AC) every meta-step whatever the estimator.
     linearity_metrics: bool = False
+    #: the `--preset` the values came from (a record; the values themselves are in the fields).
+    preset: str | None = None
 
     def resolved(self) -> "RunConfig":
         """A copy with every None filled from the dataset's defaults; validates the choices."""
@@ -71,6 +77,13 @@ class RunConfig:
         if filled.model not in choices:
             raise ValueError(f"model={filled.model!r} is not valid for dataset={filled.dataset!r}: "
                              f"expected one of {choices}.")
+        for name in ("inner_momentum", "inner_weight_decay"):
+            if getattr(filled, name) is not None and filled.inner_optimizer != "momentum":
+                raise ValueError(
+                    f"{name}={getattr(filled, name)!r} (--{name.replace('_', '-')}) applies only to "
+                    f"inner_optimizer='momentum', got inner_optimizer={filled.inner_optimizer!r}: "
+                    "pass --inner-optimizer momentum."
+                )
         if filled.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"meta_optimizer={filled.meta_optimizer!r} is not valid: "
                              f"expected one of {sorted(META_OPTIMIZERS)}.")
@@ -151,17 +164,27 @@ def build_meta_optimizer(config: RunConfig) -> keras.optimizers.Optimizer:
     return META_OPTIMIZERS[config.meta_optimizer](config.meta_lr)
 
 
+def build_inner_optimizer(config: RunConfig) -> inner_optimizers.InnerOptimizer:
+    """The inner optimizer by name, with --inner-momentum / --inner-weight-decay if given."""
+    options = {}
+    if config.inner_momentum is not None:
+        options["momentum"] = config.inner_momentum
+    if config.inner_weight_decay is not None:
+        options["weight_decay"] = config.inner_weight_decay
+    return inner_optimizers.get(config.inner_optimizer, config.inner_lr, **options)
+
+
 def build_learner(config: RunConfig) -> MetaLearner:
     if config.dataset == "synthetic2d":
         from tfmeta.data import synthetic2d
 
-        return synthetic2d.make_learner(inner_optimizer=config.inner_optimizer,
+        return synthetic2d.make_learner(inner_optimizer=build_inner_optimizer(config),
                                         inner_lr=config.inner_lr, inner_steps=config.inner_steps)
     task = "regression" if config.dataset == "sinusoid" else "classification"
     return MetaLearner(
         build_model(config),
         task=task,
-        inner_optimizer=config.inner_optimizer,
+        inner_optimizer=build_inner_optimizer(config),
         inner_lr=config.inner_lr,
         inner_steps=config.inner_steps,
         adapt=config.adapt,

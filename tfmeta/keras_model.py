@@ -30,7 +30,7 @@ from tfmeta import _backend  # noqa: F401
 import keras
 import tensorflow as tf
 
-from tfmeta import estimators, evaluation
+from tfmeta import estimators, evaluation, randomness
 from tfmeta.learner import MetaLearner
 
 FIELDS = ("support_x", "support_y", "query_x", "query_y")
@@ -88,6 +88,9 @@ class MetaModel(keras.Model):
         self.meta_sgd_rates = list(learner.lr_variables)
         self.meta_network = learner.meta_network
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
+        #: random layers (Dropout): meta-step k draws its masks from fold_in(this seed, k), so a
+        #: run is reproducible from the model's seed and a resumed run draws the same masks.
+        self._random_seed = learner.fmodel.initial_seed()
         self.estimator = None
         self.clip_norm = None
         self.on_nonfinite = "stop"
@@ -178,7 +181,12 @@ class MetaModel(keras.Model):
             raise RuntimeError("MetaModel must be compiled (compile(optimizer, estimator)) before fit.")
         self.trace_count += 1  # Python side effect: runs once per trace, not per step
         tasks = _tasks(data)
-        result = self.estimator.meta_gradient(self.learner, tasks)
+        if self.learner.fmodel.random_states:
+            seed = randomness.fold_in(self._random_seed, self.meta_step)
+            with randomness.scope(seed):
+                result = self.estimator.meta_gradient(self.learner, tasks)
+        else:
+            result = self.estimator.meta_gradient(self.learner, tasks)
         # Under a tf.distribute strategy each replica holds the mean over its own tasks and the
         # optimizer sums over replicas: dividing by the replica count gives the global mean.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
