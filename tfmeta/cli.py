@@ -151,6 +151,13 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     export.add_argument("--name", default=None, help="model name (default <dataset>_<estimator>)")
     export.add_argument("--adapt-on", default=None, metavar="SUPPORT.npz",
                         help="export the model adapted to one task: an .npz with support_x and support_y")
+    from tfmeta.export_tflite import DEFAULT_PROFILE, PROFILES
+    export.add_argument("--tflite", action="store_true",
+                        help="also write model.tflite (LiteRT: adapt_and_predict and predict) into the version")
+    export.add_argument("--tflite-profile", default=DEFAULT_PROFILE, choices=list(PROFILES),
+                        help="; ".join(f"{k}: {v}" for k, v in PROFILES.items()) + f" (default {DEFAULT_PROFILE})")
+    export.add_argument("--tflite-shots", type=_positive_int, default=None,
+                        help="support examples per class of the .tflite's fixed support set (default: the run's shots)")
 
     bench = sub.add_parser("bench", help="time one meta-step configuration (conv4 on random inputs)")
     from tfmeta.bench import ESTIMATORS
@@ -328,7 +335,17 @@ def cmd_export(args) -> dict:
 
     run_dir, config, learner, _ = _load_run(args.run)
     name = args.name or f"{config.dataset}_{config.estimator}"
-    if args.adapt_on is None:
+    if args.adapt_on is not None and args.tflite:
+        raise ValueError("--tflite exports the adapting model; it cannot be combined with --adapt-on.")
+    if args.tflite:
+        from tfmeta import export_tflite
+
+        shots = args.tflite_shots or config.shots
+        path = export_tflite.export_tflite(learner, args.export_dir, name, shots=shots, profile=args.tflite_profile)
+        size = os.path.getsize(os.path.join(path, export_tflite.FILENAME))
+        print(f"wrote {os.path.join(path, export_tflite.FILENAME)} ({size / 1024:.1f} KiB, profile "
+              f"{args.tflite_profile}, support set of {export_tflite.support_size(learner, shots)} examples)")
+    elif args.adapt_on is None:
         path = export.export_adapter(learner, args.export_dir, name)
     else:
         import numpy as np

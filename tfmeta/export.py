@@ -140,7 +140,7 @@ class _Adapter(tf.Module):
         return {self.output_key: learner.fmodel(params, query_x)}
 
 
-def export_adapter(learner, base_dir: str, name: str) -> str:
+def export_adapter(learner, base_dir: str, name: str, *, files: dict[str, bytes] | None = None) -> str:
     """Export a few-shot model that adapts per request inside the serving graph.
 
     ``base_dir/name/<next version>/`` holds a SavedModel with two signatures and ``model.keras``:
@@ -154,6 +154,9 @@ def export_adapter(learner, base_dir: str, name: str) -> str:
     Regression learners use the key ``"predictions"`` instead of ``"logits"``. BatchNorm follows the
     learner's policy (batch statistics by default, as in meta-training). Loading needs only
     TensorFlow: ``tf.saved_model.load(path).signatures["adapt_and_predict"]``.
+
+    `files` (``{file name: bytes}``) are written into the same version before it is renamed into
+    place, e.g. ``model.tflite`` (:func:`tfmeta.export_tflite.export_tflite`).
     """
     module = _Adapter(learner)
 
@@ -163,6 +166,9 @@ def export_adapter(learner, base_dir: str, name: str) -> str:
             "adapt_and_predict": module.adapt_and_predict.get_concrete_function(),
         })
         learner.model.save(os.path.join(tmp, "model.keras"))
+        for filename, content in (files or {}).items():
+            with open(os.path.join(tmp, filename), "wb") as f:
+                f.write(content)
 
     return _write_version(base_dir, name, write)
 
