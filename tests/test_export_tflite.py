@@ -179,3 +179,55 @@ def test_convert_refuses_bad_arguments():
         export_tflite.convert(learner, shots=1, profile="tiny")
     with pytest.raises(ValueError, match="shots=0 is not valid"):
         export_tflite.convert(learner, shots=0)
+
+
+def test_cli_export_tflite_writes_a_version_or_refuses_cleanly(tmp_path, capsys):
+    """Sinusoid runs (regression: "predictions"): ANIL exports; MAML over ReLU needs Flex -> exit 2."""
+    for adapt in ("head", "all"):
+        assert cli.main(["train", "--iterations", "2", "--episodes", "5", "--adapt", adapt, "--no-progress",
+                         "--out", str(tmp_path / adapt), "--no-export"]) == 0
+    sm = tmp_path / "sm"
+    assert cli.main(["export", "--run", str(tmp_path / "head"), "--export-dir", str(sm), "--tflite"]) == 0
+    assert "model.tflite" in capsys.readouterr().out
+    path = sm / "sinusoid_maml" / "1"
+    model = export_tflite.TFLiteAdapter(str(path / "model.tflite"))
+    assert model.specs["adapt_and_predict"]["support_x"][0] == (5, 1)  # the run's 5 shots
+    rng = np.random.default_rng(0)
+    sx, qx = rng.uniform(-5, 5, (5, 1)).astype("float32"), rng.uniform(-5, 5, (7, 1)).astype("float32")
+    sy = np.sin(sx).astype("float32")
+    expected = tf.saved_model.load(str(path)).signatures["adapt_and_predict"](
+        support_x=tf.constant(sx), support_y=tf.constant(sy), query_x=tf.constant(qx))["predictions"]
+    np.testing.assert_allclose(model.adapt_and_predict(sx, sy, qx), expected.numpy(), rtol=0, atol=1e-4)
+
+    before = _tree_digest(sm)
+    assert cli.main(["export", "--run", str(tmp_path / "all"), "--export-dir", str(sm), "--name", "sinusoid_maml",
+                     "--tflite", "--tflite-profile", "builtin"]) == 2
+    err = capsys.readouterr().err
+    assert "tfmeta export: error:" in err and "ReluGrad" in err and "Traceback" not in err
+    assert _tree_digest(sm) == before
+    assert cli.main(["export", "--run", str(tmp_path / "head"), "--export-dir", str(sm), "--tflite",
+                     "--adapt-on", "x.npz"]) == 2
+    assert "--adapt-on" in capsys.readouterr().err
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OMNIGLOT = os.environ.get("TFMETA_OMNIGLOT_DIR", os.path.join(REPO, "..", "shared", "data", "omniglot"))
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(OMNIGLOT, "images_background_small1.zip"))
+                    and not os.path.isfile(os.path.join(OMNIGLOT, "images_evaluation.zip")),
+                    reason="no Omniglot archive (set TFMETA_OMNIGLOT_DIR)")
+def test_ondevice_example_adapts_to_new_characters_without_tensorflow(head):
+    import subprocess
+    import sys
+
+    _, path, _ = head
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "ondevice_litert.py"),
+                           os.path.join(path, "model.tflite"), "--data-dir", OMNIGLOT, "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "5-way 1-shot, 75 query images" in out
+    assert "(images_" in out and "query accuracy: before adaptation" in out
+    assert "latency: median" in out
+    assert "TensorFlow imported: False" in out

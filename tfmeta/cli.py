@@ -161,10 +161,11 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time one meta-step configuration (conv4 on random inputs)")
     from tfmeta.bench import ESTIMATORS
-    bench.add_argument("--suite", default="step", choices=["step", "soak", "cost", "accuracy"],
+    bench.add_argument("--suite", default="step", choices=["step", "soak", "cost", "accuracy", "litert"],
                        help="step: time one configuration; soak: 2,000 sinusoid meta-steps, memory every "
                             "100; cost: every estimator x inner steps, one process each; accuracy: every "
-                            "estimator on Omniglot for the same wall-clock budget")
+                            "estimator on Omniglot for the same wall-clock budget; litert: size and "
+                            "adapt_and_predict latency of the .tflite (head adaptation) against the SavedModel")
     bench.add_argument("--quick", action="store_true", help="cost suite: a small subset (about 3 minutes)")
     bench.add_argument("--plot", default=None, metavar="DIR", help="cost/accuracy suites: write PNG plots to DIR")
     bench.add_argument("--output", default=None, metavar="FILE", help="cost/accuracy suites: write the JSON report to FILE")
@@ -386,6 +387,18 @@ def cmd_bench(args) -> dict:
                       f"{100 * acc:.2f}% ± {100 * row['accuracy_after_ci95']:.2f} after {row['steps']} meta-steps"))
         return report
 
+    if args.suite == "litert":
+        from tfmeta import export_tflite
+
+        result = export_tflite.benchmark(ways=args.ways, shots=args.shots, query=args.query, filters=args.filters,
+                                         inner_steps=args.inner_steps, repeats=args.steps or 20, seed=args.seed)
+        if not args.json:
+            print(f"litert: model.tflite {result['tflite_bytes'] / 1024:.1f} KiB; adapt_and_predict "
+                  f"{args.ways}-way {args.shots}-shot, {result['query']} query: LiteRT "
+                  f"{1000 * result['litert_seconds_median']:.1f} ms, SavedModel "
+                  f"{1000 * result['saved_model_seconds_median']:.1f} ms (median of {result['repeats']})")
+        return result
+
     if args.suite == "soak":
         steps = args.steps or 2000
         result = bench.soak(args.estimator, steps=steps, seed=args.seed)
@@ -425,7 +438,7 @@ def main(argv=None) -> int:
     if args.command != "export":
         if getattr(args, "cpu_devices", 1) > 1:
             runtime.split_cpu(args.cpu_devices)
-        task_loop = not (args.command == "bench" and args.estimator == "plain")
+        task_loop = not (args.command == "bench" and (args.estimator == "plain" or args.suite == "litert"))
         runtime.configure_threads(args.intra_op_threads, args.inter_op_threads, task_loop=task_loop)
     from tfmeta.training import NonFiniteMetaStepError
 
