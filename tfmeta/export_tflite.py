@@ -72,7 +72,10 @@ _VARIABLE_OPS = ("VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE")
 # -- reading flatbuffers (numpy and ai_edge_litert only) ----------------------------------------
 def op_names(model_content: bytes) -> list[str]:
     """Every operator of every subgraph of a flatbuffer, by name (custom and Flex ops by code)."""
-    from ai_edge_litert import schema_py_generated as schema
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:  # exporting needs TensorFlow only, which ships the same schema
+        from tensorflow.lite.python import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(model_content), 0)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
