@@ -97,10 +97,58 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str) -> "RunConfig":
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """Read `path`; a file that is not JSON, or JSON of the wrong shape, raises ValueError naming it."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path!r} is not a valid run configuration: not JSON ({err}).") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path!r} is not a valid run configuration: expected a JSON object of the "
+                             f"run's settings, got a JSON {type(values).__name__}.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if name in fields and not _has_type(value, fields[name].type):
+                raise ValueError(f"{path!r} is not a valid run configuration: {name}={value!r} is not "
+                                 f"valid (expected {fields[name].type}).")
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,), "bool": (bool,)}
+
+
+def _has_type(value, annotation: str) -> bool:
+    parts = [p.strip() for p in str(annotation).split("|")]
+    if value is None:
+        return "None" in parts
+    types = tuple(t for p in parts if p != "None" for t in _JSON_TYPES.get(p, (object,)))
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+#: Numbers held per example feature by each dataset's inputs.
+_FEATURES = {"sinusoid": 1, "synthetic2d": 2, "omniglot": 28 * 28}
+
+
+def task_batch_bytes(config: RunConfig) -> int:
+    """A lower estimate of the memory one task batch of `config` takes while it is sampled.
+
+    meta_batch x ways x (shots + query) examples, each its features plus a label, as float64
+    while the sampler draws them (the float32 tensors come on top). `tfmeta train` refuses a
+    configuration whose estimate exceeds the machine's memory before anything is allocated.
+    """
+    ways = 1 if config.dataset == "sinusoid" else config.ways
+    examples = config.meta_batch * ways * (config.shots + config.query)
+    return examples * (_FEATURES.get(config.dataset, 1) + 1) * 8
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def build_model(config: RunConfig) -> keras.Model:
