@@ -163,20 +163,11 @@ def _add_preset_flag(p):
                         "docs/presets.md): " + ", ".join(PRESETS))
 
 
-def _given_train_flags(argv) -> set[str]:
-    """Destinations of the `train` flags typed on the command line (abbreviations included)."""
-    parser = _parser(with_search=False)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for action in sub.choices["train"]._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv))) - {"command"}
-
-
 def apply_preset(args, argv) -> None:
     """Give `args` the values of its `--preset`, except for the flags typed in `argv`."""
     from tfmeta import presets
 
-    presets.apply(args.preset, args, _given_train_flags(argv))
+    presets.apply(args.preset, args, _given_flags(argv, "train"))
     preset = presets.get(args.preset)
     print(f"preset {args.preset}: {preset.citation}, {preset.where}", file=sys.stderr)
 
