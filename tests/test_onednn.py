@@ -169,3 +169,73 @@ def test_strided_pointwise_convolutions_run_unstrided_on_a_subsampled_input():
             assert list(op.get_attr("strides")) == [1, 1, 1, 1], op.name
     np.testing.assert_allclose(fn(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
     assert all("call" not in vars(layer) for layer in model.layers)  # the rewrite is undone
+
+
+# -- profile breakdown -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op_type, name, kind, phase", [
+    ("_MklNativeFusedConv2D", "while/body/_1/while/conv2d_1_2/BiasAdd", "conv forward", "query forward"),
+    ("_MklNativeConv2DBackpropFilterWithBias",
+     "while/body/_1/gradient_tape/while/conv2d_1_2/convolution/Conv2DBackpropFilter",
+     "conv backprop filter", "query backward"),
+    ("_MklNativeFusedConv2D", "while/body/_1/while/while/body/_433/while/while/conv2d_1_2/BiasAdd",
+     "conv forward", "inner forward"),
+    ("_MklNativeConv2DBackpropInput",
+     "while/body/_1/while/while/body/_433/gradient_tape/while/while/conv2d_1_2/convolution/Conv2DBackpropInput",
+     "conv backprop input", "inner backward"),
+    ("_MklNativeConv2D", "while/body/_1/gradient_tape/while/while/while/while_grad/body/_1041/gradient_tape/"
+     "while/while/gradients/gradient_tape/while/while/conv2d_1_2/convolution/Conv2DBackpropFilter_grad/Conv2D",
+     "conv forward", "through inner loop: 2nd-order"),
+    ("MaxPoolGrad", "while/body/_1/gradient_tape/while/while/while/while_grad/body/_1041/gradient_tape/"
+     "while/while/gradients/while/while/max_pooling2d_1/MaxPool2d_grad/MaxPoolGrad",
+     "max-pool grad", "through inner loop: other"),
+    ("Mul", "while/body/_1/while/while/body/_433/gradient_tape/while/while/batch_normalization_1_2/Mul",
+     "batchnorm", "inner backward"),
+    ("TensorListPushBack", "while/body/_1/while/while/body/_433/while/while/TensorListPushBack",
+     "accumulators", "inner forward"),
+    ("Process", "ExecutorState", "executor", "outside the task loop, executor"),
+])
+def test_profile_classifies_ops_by_kind_and_maml_phase(op_type, name, kind, phase):
+    from tfmeta import profiling
+
+    assert profiling.op_kind(op_type, name) == kind
+    assert profiling.op_phase(name) == phase
+
+
+def test_profile_breakdown_nests_self_time_and_counts_idle():
+    """Self time excludes nested events; idle is the uncovered share of threads x window."""
+    from tfmeta import profiling
+
+    trace = {"self_ps": {("Conv2D", "while/body/_1/while/conv2d/Conv2D"): 30,
+                         ("Process", "ExecutorState"): 10,
+                         ("MaxPoolGrad", "while/body/_1/gradient_tape/while/max_pooling2d/MaxPoolGrad"): 20},
+             "busy_ps": {"tf_Compute/1": 40, "tf_Compute/2": 20}, "window_ps": 50}
+    result = profiling.breakdown(trace)
+    assert result["idle"] == pytest.approx(0.4)
+    assert result["by_kind"]["conv forward"] == pytest.approx(0.3)
+    assert result["by_phase"]["query backward"] == pytest.approx(0.2)
+    assert sum(result["by_kind"].values()) == pytest.approx(0.6)
+
+
+def test_profile_reads_self_time_from_a_trace(tmp_path):
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from tfmeta import profiling
+
+    space = xplane_pb2.XSpace()
+    plane = space.planes.add(name="/host:CPU")
+    for i, label in enumerate(["ExecutorState:Process", "a/conv:Conv2D", "b/pool:MaxPoolGrad"], start=1):
+        plane.event_metadata[i].id, plane.event_metadata[i].name = i, label
+    one = plane.lines.add(name="tf_Compute/1", timestamp_ns=0)
+    for meta, offset, duration in ((1, 0, 100), (2, 10, 50), (3, 70, 20)):
+        one.events.add(metadata_id=meta, offset_ps=offset, duration_ps=duration)
+    two = plane.lines.add(name="tf_Compute/2", timestamp_ns=0)
+    two.events.add(metadata_id=2, offset_ps=20, duration_ps=30)
+    plane.lines.add(name="python3", timestamp_ns=0).events.add(metadata_id=3, offset_ps=0, duration_ps=500)
+    path = tmp_path / "t.xplane.pb"
+    path.write_bytes(space.SerializeToString())
+    trace = profiling.read_trace(str(path))
+    assert trace["self_ps"] == {("Process", "ExecutorState"): 30, ("Conv2D", "a/conv"): 80,
+                                ("MaxPoolGrad", "b/pool"): 20}
+    assert trace["busy_ps"] == {"tf_Compute/1": 100, "tf_Compute/2": 30}
+    assert trace["window_ps"] == 100
