@@ -175,6 +175,7 @@ def test_strided_pointwise_convolutions_run_unstrided_on_a_subsampled_input():
 
 @pytest.mark.parametrize("op_type, name, kind, phase", [
     ("_MklNativeFusedConv2D", "while/body/_1/while/conv2d_1_2/BiasAdd", "conv forward", "query forward"),
+    ("_FusedConv2D", "while/body/_1/while/conv2d_1_2/BiasAdd", "conv forward", "query forward"),  # Eigen
     ("_MklNativeConv2DBackpropFilterWithBias",
      "while/body/_1/gradient_tape/while/conv2d_1_2/convolution/Conv2DBackpropFilter",
      "conv backprop filter", "query backward"),

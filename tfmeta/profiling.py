@@ -38,9 +38,10 @@ PHASES = ("inner forward", "inner backward", "query forward", "query backward",
 def op_kind(op_type: str, name: str) -> str:
     """The kind (one of KINDS) of an op from its type (``_MklNative...`` prefixes ignored) and name."""
     base = op_type
-    for prefix in ("_MklNative", "_Mkl"):
+    for prefix in ("_MklNative", "_Mkl", "_"):  # oneDNN's ops, and Eigen's fused ones (_FusedConv2D)
         if base.startswith(prefix):
             base = base[len(prefix):]
+            break
     if base.startswith("Conv2DBackpropFilter") or base.startswith("DepthwiseConv2dNativeBackpropFilter"):
         return "conv backprop filter"
     if base.startswith("Conv2DBackpropInput") or base.startswith("DepthwiseConv2dNativeBackpropInput"):
