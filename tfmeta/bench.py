@@ -3,7 +3,9 @@
 The standard configuration is conv4 on random 28x28 inputs, N-way K-shot with Q query images per
 class, M tasks per meta-batch, T inner SGD steps (lr 0.4), meta-optimizer Adam. ``plain`` is one
 ordinary supervised Keras training step on the same M x N x (K + Q) images: the reference for
-overhead ratios. Run one configuration per process, so that peak memory is its own.
+overhead ratios. Run one configuration per process, so that peak memory is its own. Each result
+records the machine it was measured on (``machine``: CPU model, ISA class, oneDNN on or off,
+TensorFlow version, threads; :func:`tfmeta.runtime.machine`).
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def run(
         "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                     tf.config.threading.get_inter_op_parallelism_threads()],
         "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+        "machine": runtime.machine(),
     }
 
 
@@ -183,4 +186,5 @@ def soak(estimator: str = "maml", *, steps: int = 2000, every: int = 100, seed: 
         "rss_growth_percent": 100.0 * (last - first) / first,
         "retraces_after_warmup": traces[max(traces)] - traces[min(traces)],
         "seconds": time.perf_counter() - began,
+        "machine": runtime.machine(),
     }

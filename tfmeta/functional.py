@@ -31,6 +31,18 @@ and inner-step loops open and fold them, so each inner step of each task draws i
 reproducibly), or, with no scope open, from the model's own generator states, which are then
 advanced as in a plain Keras model.
 
+Strided 1x1 convolutions
+------------------------
+With TensorFlow 2.21's oneDNN CPU kernels (on by default with tfmeta, see :mod:`tfmeta._backend`)
+the filter gradient of a convolution whose kernel is 1x1 and whose stride is above 1 is wrong
+(``Conv2DBackpropFilter`` and the depthwise one, when the input size is a multiple of the stride:
+off by 20-200% on AVX2, float64 and Eigen kernels are right; on AVX-512 the same layer corrupts
+the heap). ResNet-style shortcuts are such layers. While a `FunctionalModel` runs, every
+Conv/DepthwiseConv/SeparableConv layer with a 1x1 kernel and a stride above 1 subsamples its input
+first and convolves with stride 1: the same function (a 1x1 kernel reads exactly the strided
+positions; "same" and "valid" padding add nothing), computed by kernels that are right
+(:func:`pointwise_subsampling`). Keras' own ``model.fit`` outside tfmeta is not rewritten.
+
 Which weights adapt
 -------------------
 ``adapt`` selects the weights that the inner loop updates; the others are shared across tasks and
@@ -118,6 +130,46 @@ def _running_moments(layer, inputs, mask):
     )
 
 
+def _is_strided_pointwise(layer) -> bool:
+    """A convolution layer with an all-ones kernel and some stride above 1 (not a transpose)."""
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    if not isinstance(layer, (BaseConv, BaseDepthwiseConv, BaseSeparableConv)):
+        return False
+    kernel, strides = tuple(layer.kernel_size), tuple(layer.strides)
+    return all(k == 1 for k in kernel) and any(s > 1 for s in strides)
+
+
+def _subsampled_call(layer, inputs, *args, **kwargs):
+    """`layer`'s call on its input subsampled by its strides, with strides 1 (same outputs)."""
+    strides = tuple(layer.strides)
+    spatial = tuple(slice(None, None, s) for s in strides)
+    if layer.data_format == "channels_first":
+        index = (slice(None), slice(None)) + spatial
+    else:
+        index = (slice(None),) + spatial + (slice(None),)
+    object.__setattr__(layer, "strides", (1,) * len(strides))
+    try:
+        return type(layer).call(layer, inputs[index], *args, **kwargs)
+    finally:
+        object.__setattr__(layer, "strides", strides)
+
+
+@contextlib.contextmanager
+def pointwise_subsampling(layers: Sequence[keras.layers.Layer]):
+    """Temporarily compute strided 1x1 convolution `layers` as subsampling + stride-1 convolution
+    (see the module docstring: oneDNN's filter gradient of the strided form is wrong)."""
+    for layer in layers:
+        object.__setattr__(layer, "call", types.MethodType(_subsampled_call, layer))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "call")
+
+
 @contextlib.contextmanager
 def batchnorm_policy(layers: Sequence[keras.layers.Layer], policy: str, *, fused: bool = False):
     """Temporarily replace `_moments` of BatchNormalization `layers` (see module docstring);
@@ -193,17 +245,11 @@ class FunctionalModel:
         self.batchnorm = batchnorm
         self.paths = tuple(v.path for v in model.trainable_variables)
         self.adapted = select_adapted(self.paths, adapt)
-        self._bn_layers = [
-            layer
-            for layer in model._flatten_layers(include_self=True)
-            if isinstance(layer, keras.layers.BatchNormalization)
-        ]
+        layers = list(model._flatten_layers(include_self=True))
+        self._bn_layers = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+        self._strided_pointwise = [layer for layer in layers if _is_strided_pointwise(layer)]
         states = model.non_trainable_variables
-        generators = [
-            g.state
-            for layer in model._flatten_layers(include_self=True)
-            for g in getattr(layer, "_seed_generators", ())
-        ]
+        generators = [g.state for layer in layers for g in getattr(layer, "_seed_generators", ())]
         #: positions in `model.non_trainable_variables` of the random layers' generator states.
         self.random_states = tuple(
             i for i, v in enumerate(states) if any(v is g for g in generators)
@@ -242,7 +288,8 @@ class FunctionalModel:
         if seed is not None:  # a fresh generator state per random layer (see module docstring)
             for k, i in enumerate(self.random_states):
                 states[i] = tf.cast(randomness.fold_in(seed, k), states[i].dtype)
-        with batchnorm_policy(self._bn_layers, self.batchnorm, fused=fused_batchnorm):
+        with batchnorm_policy(self._bn_layers, self.batchnorm, fused=fused_batchnorm), \
+                pointwise_subsampling(self._strided_pointwise):
             outputs, new_states = self.model.stateless_call(list(params), states, x, training=training)
         if self.random_states and seed is None:  # no scope: advance the model's own generators
             variables = self.model.non_trainable_variables

@@ -1,4 +1,4 @@
-"""Process-wide runtime settings: TensorFlow threading.
+"""Process-wide runtime settings: TensorFlow threading, oneDNN, the machine.
 
 On CPU, the task loop runs tasks side by side; single-threaded ops with one inter-op thread per
 core beat splitting each small op over the cores (2.65 s vs 3.35 s per conv4 meta-step at M=32
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import tensorflow as tf
+
+from tfmeta._backend import ONEDNN_VARIABLE, onednn_enabled  # noqa: F401  (re-exported)
 
 
 def configure_threads(intra_op: int | str = "auto", inter_op: int | str = "auto", *, task_loop: bool = True) -> tuple[int, int]:
@@ -58,6 +60,57 @@ def disable_addn_scheduling() -> bool:
         return True
     except (ImportError, AttributeError, ValueError):  # pragma: no cover - other TF versions
         return False
+
+
+ISA_CLASSES = ("amx", "avx512_vnni", "avx512f", "avx2", "other")
+
+
+def isa_class(flags) -> str:
+    """The widest x86 vector-ISA class among CPU `flags` (as /proc/cpuinfo spells them):
+    "amx" (AMX tiles), "avx512_vnni", "avx512f", "avx2" or "other"."""
+    flags = set(flags)
+    if "amx_tile" in flags:
+        return "amx"
+    for name in ("avx512_vnni", "avx512f", "avx2"):
+        if name in flags:
+            return name
+    return "other"
+
+
+def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, list[str]]:
+    model, flags = "", []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = value.split()
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def machine() -> dict:
+    """What a benchmark figure depends on: CPU model and ISA class, whether oneDNN is in effect,
+    TensorFlow's version, thread pools (0 = TensorFlow's own choice) and cores."""
+    import platform
+
+    model, flags = _cpuinfo()
+    return {
+        "cpu_model": model or platform.processor() or platform.machine() or "unknown",
+        "isa": isa_class(flags),
+        "onednn": onednn_enabled(),
+        "onednn_variable": os.environ.get(ONEDNN_VARIABLE),
+        "tensorflow": tf.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "cpu_count": os.cpu_count() or 1,
+    }
 
 
 STRATEGIES = ("default", "mirrored", "multiworker")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,6 +45,13 @@ class _Progress:
 
     def finish(self):
         self.done += 1
+
+
+def _machine() -> dict:
+    """The machine the suite ran on (each row also records its own process's, under "machine")."""
+    from tfmeta import runtime
+
+    return runtime.machine()
 
 
 def _run_json(cmd: list[str], timeout: float) -> dict:
@@ -103,7 +109,7 @@ def cost(*, quick: bool = False, meta_batch: int | None = None, steps: int | Non
     report = {
         "suite": "cost",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": _machine(),
         "quick": quick,
         "meta_batch": meta_batch,
         "steps": steps,
@@ -215,7 +221,7 @@ def accuracy(data_dir: str, *, budget_minutes: float = 5.0, estimators=ACCURACY_
         results.append(row)
         progress.finish()
     report = {"suite": "accuracy", "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "machine": _machine(),
               "budget_minutes": budget_minutes, "meta_batch": meta_batch, "episodes": episodes,
               "results": results}
     _write(report, json_path)

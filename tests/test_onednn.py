@@ -1,0 +1,242 @@
+"""oneDNN on by default, strided 1x1 convolutions kept exact under it, machine-aware benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import keras
+import tensorflow as tf
+
+from conftest import classification_tasks
+from tfmeta import estimators, runtime
+from tfmeta.functional import FunctionalModel
+from tfmeta.learner import MetaLearner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+_REPORT = ("import json, os, tfmeta; from tfmeta import runtime; "
+           "print(json.dumps([os.environ.get('TF_ENABLE_ONEDNN_OPTS'), runtime.onednn_enabled()]))")
+
+
+def _python(code_or_args, onednn=None, timeout=300):
+    """Run python in a fresh process with TF_ENABLE_ONEDNN_OPTS=`onednn` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+
+
+@pytest.mark.skipif(not X86_64, reason="tfmeta turns oneDNN on by default on x86-64 only")
+def test_import_turns_onednn_on_quietly_when_the_user_did_not_choose():
+    proc = _python(_REPORT)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == ["1", True]
+    assert "oneDNN custom operations are on" not in proc.stderr  # tfmeta's choice: no start-up notice
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("garbage", False)])
+def test_import_leaves_the_users_setting_to_tensorflow(value, enabled):
+    proc = _python(_REPORT, onednn=value)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == [value, enabled]
+    if value == "garbage":  # TensorFlow itself reports a value it does not understand
+        assert "TF_ENABLE_ONEDNN_OPTS is not set to either" in proc.stderr
+
+
+def test_tensorflow_imported_first_keeps_its_choice_and_tfmeta_works():
+    proc = _python(
+        "import logging, os; logging.basicConfig(level=logging.DEBUG); import tensorflow as tf; "
+        "import keras, tfmeta, json; from tfmeta import runtime; "
+        "m = tfmeta.MetaLearner(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]), task='regression'); "
+        "print(json.dumps([os.environ.get('TF_ENABLE_ONEDNN_OPTS'), runtime.onednn_enabled()]))")
+    assert proc.returncode == 0, proc.stderr
+    variable, enabled = json.loads(proc.stdout.splitlines()[-1])
+    assert variable is None and isinstance(enabled, bool)  # TensorFlow's own choice, left as it is
+    assert "TensorFlow was imported before tfmeta" in proc.stderr  # a debug-level note only
+
+
+@pytest.mark.parametrize("flags, isa", [
+    ("fpu sse2 avx fma avx2", "avx2"),
+    ("avx2 avx512f avx512bw", "avx512f"),
+    ("avx2 avx512f avx512_vnni avx512_bf16", "avx512_vnni"),
+    ("avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8", "amx"),
+    ("fpu sse2 asimd", "other"),
+])
+def test_isa_class_from_cpu_flags(flags, isa):
+    assert runtime.isa_class(flags.split()) == isa
+
+
+def _check_machine(machine, *, intra, inter):
+    assert set(machine) == {"cpu_model", "isa", "onednn", "onednn_variable", "tensorflow",
+                            "intra_op_threads", "inter_op_threads", "cpu_count"}
+    assert isinstance(machine["cpu_model"], str) and machine["cpu_model"]
+    assert machine["isa"] in runtime.ISA_CLASSES
+    if os.path.exists("/proc/cpuinfo"):
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+        assert machine["isa"] == runtime.isa_class(flags)
+    assert isinstance(machine["onednn"], bool)
+    assert machine["tensorflow"] == tf.__version__
+    assert (machine["intra_op_threads"], machine["inter_op_threads"]) == (intra, inter)
+    assert machine["cpu_count"] == os.cpu_count()
+
+
+def test_bench_json_records_the_machine_and_the_cli_turns_onednn_on():
+    proc = _python(["-m", "tfmeta", "bench", "--estimator", "plain", "--filters", "2", "--ways", "2",
+                    "--query", "1", "--meta-batch", "1", "--steps", "1", "--intra-op-threads", "1",
+                    "--inter-op-threads", "2", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    machine = result["machine"]
+    _check_machine(machine, intra=1, inter=2)
+    if X86_64:  # the CLI runs with oneDNN on unless the user said otherwise
+        assert (machine["onednn"], machine["onednn_variable"]) == (True, "1")
+
+
+def test_machine_reports_what_is_in_effect_here():
+    machine = runtime.machine()
+    _check_machine(machine, intra=tf.config.threading.get_intra_op_parallelism_threads(),
+                   inter=tf.config.threading.get_inter_op_parallelism_threads())
+    assert machine["onednn"] == runtime.onednn_enabled()
+
+
+# -- strided 1x1 convolutions ----------------------------------------------------------------------
+
+def _shortcut_net():
+    """Tanh conv net with strided 1x1 layers on inputs whose size the stride divides (12 -> 6 -> 3),
+    the case where oneDNN's filter gradient of the strided form is wrong."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((12, 12, 2)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="tanh"),
+        keras.layers.Conv2D(6, 1, strides=2, activation="tanh"),
+        keras.layers.DepthwiseConv2D(1, strides=2, padding="same", activation="tanh"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3),
+    ])
+
+
+def _maml_grads(model, tasks):
+    learner = MetaLearner(model, inner_lr=0.3, inner_steps=2)
+    fn = tf.function(lambda: estimators.get("maml").meta_gradient(learner, tasks).grads)
+    return [g.numpy().astype(np.float64) for g in fn()]
+
+
+def test_strided_pointwise_convolutions_keep_the_meta_gradient_exact():
+    """float32 (oneDNN kernels when on) against float64 (Eigen kernels) MAML meta-gradients of a
+    net with strided 1x1 Conv2D and DepthwiseConv2D: per weight, float32 round-off only."""
+    tasks64 = classification_tasks(2, 3, 1, 2, (12, 12, 2))
+    tasks32 = tuple(tf.cast(t, "float32") if t.dtype == tf.float64 else t for t in tasks64)
+    model32 = _shortcut_net()
+    got = _maml_grads(model32, tasks32)
+    previous, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        model64 = _shortcut_net()
+        model64.set_weights([w.astype("float64") for w in model32.get_weights()])
+        exact = _maml_grads(model64, tasks64)
+    finally:
+        keras.config.set_floatx(previous)
+        keras.config.set_dtype_policy(policy)
+    for variable, g, e in zip(model32.trainable_variables, got, exact):
+        error = np.linalg.norm(g - e) / np.linalg.norm(e)
+        assert error < 1e-4, (variable.path, error)
+
+
+def test_strided_pointwise_convolutions_run_unstrided_on_a_subsampled_input():
+    """Whatever the kernels, no 1x1 convolution runs strided inside tfmeta, and the outputs are
+    the Keras model's own."""
+    model = _shortcut_net()
+    fmodel = FunctionalModel(model)
+    x = tf.random.stateless_normal((2, 12, 12, 2), seed=(1, 2))
+    fn = tf.function(lambda x: fmodel(fmodel.parameters(), x))
+    graph = fn.get_concrete_function(x).graph
+    convs = [op for op in graph.get_operations() if op.type in ("Conv2D", "DepthwiseConv2dNative")]
+    assert len(convs) == 3
+    for op in convs:
+        if tuple(op.inputs[1].shape[:2]) == (1, 1):
+            assert list(op.get_attr("strides")) == [1, 1, 1, 1], op.name
+    np.testing.assert_allclose(fn(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert all("call" not in vars(layer) for layer in model.layers)  # the rewrite is undone
+
+
+# -- profile breakdown -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op_type, name, kind, phase", [
+    ("_MklNativeFusedConv2D", "while/body/_1/while/conv2d_1_2/BiasAdd", "conv forward", "query forward"),
+    ("_FusedConv2D", "while/body/_1/while/conv2d_1_2/BiasAdd", "conv forward", "query forward"),  # Eigen
+    ("_MklNativeConv2DBackpropFilterWithBias",
+     "while/body/_1/gradient_tape/while/conv2d_1_2/convolution/Conv2DBackpropFilter",
+     "conv backprop filter", "query backward"),
+    ("_MklNativeFusedConv2D", "while/body/_1/while/while/body/_433/while/while/conv2d_1_2/BiasAdd",
+     "conv forward", "inner forward"),
+    ("_MklNativeConv2DBackpropInput",
+     "while/body/_1/while/while/body/_433/gradient_tape/while/while/conv2d_1_2/convolution/Conv2DBackpropInput",
+     "conv backprop input", "inner backward"),
+    ("_MklNativeConv2D", "while/body/_1/gradient_tape/while/while/while/while_grad/body/_1041/gradient_tape/"
+     "while/while/gradients/gradient_tape/while/while/conv2d_1_2/convolution/Conv2DBackpropFilter_grad/Conv2D",
+     "conv forward", "through inner loop: 2nd-order"),
+    ("MaxPoolGrad", "while/body/_1/gradient_tape/while/while/while/while_grad/body/_1041/gradient_tape/"
+     "while/while/gradients/while/while/max_pooling2d_1/MaxPool2d_grad/MaxPoolGrad",
+     "max-pool grad", "through inner loop: other"),
+    ("Mul", "while/body/_1/while/while/body/_433/gradient_tape/while/while/batch_normalization_1_2/Mul",
+     "batchnorm", "inner backward"),
+    ("TensorListPushBack", "while/body/_1/while/while/body/_433/while/while/TensorListPushBack",
+     "accumulators", "inner forward"),
+    ("Process", "ExecutorState", "executor", "outside the task loop, executor"),
+])
+def test_profile_classifies_ops_by_kind_and_maml_phase(op_type, name, kind, phase):
+    from tfmeta import profiling
+
+    assert profiling.op_kind(op_type, name) == kind
+    assert profiling.op_phase(name) == phase
+
+
+def test_profile_breakdown_nests_self_time_and_counts_idle():
+    """Self time excludes nested events; idle is the uncovered share of threads x window."""
+    from tfmeta import profiling
+
+    trace = {"self_ps": {("Conv2D", "while/body/_1/while/conv2d/Conv2D"): 30,
+                         ("Process", "ExecutorState"): 10,
+                         ("MaxPoolGrad", "while/body/_1/gradient_tape/while/max_pooling2d/MaxPoolGrad"): 20},
+             "busy_ps": {"tf_Compute/1": 40, "tf_Compute/2": 20}, "window_ps": 50}
+    result = profiling.breakdown(trace)
+    assert result["idle"] == pytest.approx(0.4)
+    assert result["by_kind"]["conv forward"] == pytest.approx(0.3)
+    assert result["by_phase"]["query backward"] == pytest.approx(0.2)
+    assert sum(result["by_kind"].values()) == pytest.approx(0.6)
+
+
+def test_profile_reads_self_time_from_a_trace(tmp_path):
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from tfmeta import profiling
+
+    space = xplane_pb2.XSpace()
+    plane = space.planes.add(name="/host:CPU")
+    for i, label in enumerate(["ExecutorState:Process", "a/conv:Conv2D", "b/pool:MaxPoolGrad"], start=1):
+        plane.event_metadata[i].id, plane.event_metadata[i].name = i, label
+    one = plane.lines.add(name="tf_Compute/1", timestamp_ns=0)
+    for meta, offset, duration in ((1, 0, 100), (2, 10, 50), (3, 70, 20)):
+        one.events.add(metadata_id=meta, offset_ps=offset, duration_ps=duration)
+    two = plane.lines.add(name="tf_Compute/2", timestamp_ns=0)
+    two.events.add(metadata_id=2, offset_ps=20, duration_ps=30)
+    plane.lines.add(name="python3", timestamp_ns=0).events.add(metadata_id=3, offset_ps=0, duration_ps=500)
+    path = tmp_path / "t.xplane.pb"
+    path.write_bytes(space.SerializeToString())
+    trace = profiling.read_trace(str(path))
+    assert trace["self_ps"] == {("Process", "ExecutorState"): 30, ("Conv2D", "a/conv"): 80,
+                                ("MaxPoolGrad", "b/pool"): 20}
+    assert trace["busy_ps"] == {"tf_Compute/1": 100, "tf_Compute/2": 30}
+    assert trace["window_ps"] == 100
