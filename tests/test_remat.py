@@ -1,0 +1,165 @@
+"""Rematerialised inner loop (MetaLearner(remat=...), --remat): same meta-gradient, less memory.
+
+float64, smooth Conv + BatchNorm model (tanh, average pooling): the meta-gradient with remat equals
+the one without it to 1e-10 relative, for T in {1, 7, 16}, windows K in {1, 3, T}, each inner
+optimizer (sgd, momentum with weight decay, adam, Meta-SGD); a central finite difference at T = 7;
+the estimators that differentiate through the inner loop (maml, reuse, linearity) through their
+task loop; and the refusals (K out of range, first-order estimators).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+from conftest import classification_tasks, fd_check, smooth_conv_bn
+from tfmeta import estimators, inner_optimizers
+from tfmeta.learner import MetaLearner, parse_remat, remat_window
+
+OPTIMIZERS = {
+    "sgd": dict(inner_optimizer=inner_optimizers.sgd(0.3)),
+    "momentum_wd": dict(inner_optimizer=inner_optimizers.momentum(0.2, momentum=0.9, weight_decay=0.01)),
+    "adam": dict(inner_optimizer=inner_optimizers.adam(0.05)),
+    "meta_sgd": dict(inner_optimizer=inner_optimizers.sgd(0.3), meta_sgd=True),
+}
+VARIANTS = [(1, None), (1, 1), (7, None), (7, 1), (7, 3), (7, 7), (16, None), (16, 1), (16, 3), (16, 16)]
+
+
+def _relative(a, b):
+    a = np.concatenate([np.ravel(x) for x in a])
+    b = np.concatenate([np.ravel(x) for x in b])
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+def _meta_gradients(learner, task, variants):
+    """d query loss / d meta-parameters of one task for each (T, remat K), in one graph."""
+    sx, sy, qx, qy = (t[0] for t in task)
+
+    @tf.function
+    def grads():
+        out = []
+        for steps, k in variants:
+            learner.remat = k  # K <= T here; the constructor's check is tested below
+            with tf.GradientTape() as tape:
+                values = learner.meta_values()
+                tape.watch(values)
+                meta = learner.unflatten(values)
+                params = learner.adapt(meta, sx, sy, steps=steps)
+                loss, _ = learner.outer_loss(params, meta, qx, qy)
+            out.append(tape.gradient(loss, values))
+        return out
+
+    return [[g.numpy() for g in gs] for gs in grads()]
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_remat_meta_gradient_equals_maml(float64, optimizer):
+    learner = MetaLearner(smooth_conv_bn(), **OPTIMIZERS[optimizer])
+    task = classification_tasks(1, 3, 2, 2, (6, 6, 1))
+    results = dict(zip(VARIANTS, _meta_gradients(learner, task, VARIANTS)))
+    for (steps, k), grads in results.items():
+        if k is None:
+            assert np.max(np.abs(grads[0])) > 1e-6  # the initialization's gradient is not trivial
+            continue
+        error = _relative(results[(steps, None)], grads)
+        assert error <= 1e-10, (optimizer, steps, k, error)
+    if optimizer == "meta_sgd":  # the learning rates' gradients, through every window
+        lr = learner.unflatten(results[(16, 3)]).lr
+        assert all(np.max(np.abs(g)) > 0 for g in lr)
+
+
+def test_remat_matches_finite_differences_at_seven_steps(float64):
+    learner = MetaLearner(smooth_conv_bn(), inner_optimizer=inner_optimizers.adam(0.05),
+                          inner_steps=7, meta_sgd=True, remat=3)
+    tasks = classification_tasks(2, 3, 2, 2, (6, 6, 1))
+    error, analytic, _ = fd_check(learner, tasks)
+    assert abs(analytic) > 1e-6
+    assert error < 1e-6, error
+
+
+def _estimator_grads(learner_kwargs, estimator, tasks):
+    fn_grads = []
+    for remat in (None, learner_kwargs.pop("remat")):
+        learner = MetaLearner(smooth_conv_bn(), remat=remat, **learner_kwargs)
+        fn = tf.function(lambda: estimator.meta_gradient(learner, tasks))
+        result = fn()
+        fn_grads.append(([g.numpy() for g in result.grads], {k: float(v) for k, v in result.metrics.items()}))
+    return fn_grads
+
+
+@pytest.mark.parametrize("estimator, kwargs", [
+    ("maml", dict(inner_steps=5, remat="sqrt", adapt="head")),  # body weights enter the inner loss
+    ("reuse", dict(inner_steps=7, remat="every:4", inner_optimizer="momentum")),
+    ("linearity", dict(inner_steps=5, remat="every:2")),  # the path length is differentiated too
+])
+def test_remat_through_the_task_loop(float64, estimator, kwargs):
+    est = estimators.get(estimator, **({"reuse_window": 2} if estimator == "reuse" else {}))
+    if estimator == "linearity":
+        est = estimators.get("linearity", base="maml", amplitude_weight=0.5)
+    tasks = classification_tasks(2, 3, 2, 2, (6, 6, 1))
+    (plain, plain_metrics), (remat, remat_metrics) = _estimator_grads(dict(kwargs), est, tasks)
+    assert _relative(plain, remat) <= 1e-10
+    for key, value in plain_metrics.items():
+        assert remat_metrics[key] == pytest.approx(value, rel=1e-10, abs=1e-12), key
+
+
+def test_remat_meta_network_gets_its_gradient(float64):
+    """A meta-network inside the inner loss (Sec. 2.2, 000_...) is an input of every window."""
+    keras.utils.set_random_seed(3)
+    weigher = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+                                keras.layers.Dense(1, activation="softplus")])
+
+    def inner_loss(learner, params, meta, x, y):
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=learner.fmodel(params, x))
+        weights, _ = weigher.stateless_call(meta.net, [], x)
+        return tf.reduce_mean(weights[:, 0] * losses)
+
+    kwargs = dict(inner_steps=6, meta_network=weigher, inner_loss=inner_loss, remat="every:2")
+    tasks = classification_tasks(1, 3, 2, 2, (6, 6, 1))
+    (plain, _), (remat, _) = _estimator_grads(kwargs, estimators.get("maml"), tasks)
+    assert np.max(np.abs(plain[-1])) > 1e-8
+    assert _relative(plain, remat) <= 1e-10
+
+
+# -- the option and its refusals -----------------------------------------------------------------
+def test_parse_and_window():
+    assert parse_remat(None) is None and parse_remat("none") is None
+    assert parse_remat("sqrt") == "sqrt" and parse_remat("every:4") == 4 and parse_remat(3) == 3
+    assert [remat_window("sqrt", t) for t in (1, 5, 25, 100)] == [1, 2, 5, 10]
+    assert remat_window("sqrt", 100, reuse_window=4) == 20  # 25 windows of 4 -> 5 per checkpoint
+    assert remat_window(None, 10) is None and remat_window(4, 3) == 3
+
+
+@pytest.mark.parametrize("remat, match", [
+    ("every:0", "K >= 1"), ("every:x", "none, sqrt or every:K"), ("fast", "none, sqrt or every:K"),
+    (0, "K >= 1"), ("every:6", "1 <= K <= T"),
+])
+def test_bad_remat_is_refused(remat, match):
+    with pytest.raises(ValueError, match="--remat") as err:
+        MetaLearner(smooth_conv_bn(), inner_steps=5, remat=remat)
+    assert match in str(err.value)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("fomaml", {}), ("reptile", {}), ("implicit", {}), ("shifting", {}), ("lil_pretraining", {}),
+    ("linearity", {"base": "fomaml"}),
+])
+def test_first_order_estimators_refuse_remat(name, options):
+    from tfmeta.estimators.linearity import LILPretraining
+
+    make = LILPretraining if name == "lil_pretraining" else lambda: estimators.get(name, **options)
+    learner = MetaLearner(smooth_conv_bn(), inner_steps=4, remat="sqrt")
+    with pytest.raises(ValueError, match="--remat") as err:
+        make().check_remat(learner)
+    assert name in str(err.value) and "first" not in str(err.value).split("valid")[0]
+    make().check_remat(MetaLearner(smooth_conv_bn(), inner_steps=4))  # remat none: accepted
+
+
+def test_reuse_needs_a_remat_window_of_whole_reuse_windows():
+    learner = MetaLearner(smooth_conv_bn(), inner_steps=8, remat="every:3")
+    with pytest.raises(ValueError, match="--remat"):
+        estimators.get("reuse", reuse_window=2).check_remat(learner)
+    estimators.get("reuse", reuse_window=3).check_remat(learner)
