@@ -25,7 +25,13 @@ OPTIMIZERS = {
     "adam": dict(inner_optimizer=inner_optimizers.adam(0.05)),
     "meta_sgd": dict(inner_optimizer=inner_optimizers.sgd(0.3), meta_sgd=True),
 }
-VARIANTS = [(1, None), (1, 1), (7, None), (7, 1), (7, 3), (7, 7), (16, None), (16, 1), (16, 3), (16, 16)]
+#: (T, K) with K None for plain MAML. SGD runs the whole grid T in {1, 7, 16} x K in {1, 3, T};
+#: the other optimizers the windows that differ in code path at T = 16 (K = 1: windows of one
+#: step; K = 3: a while loop over windows with a shorter last window); K = T (one window) is
+#: optimizer-agnostic and run with SGD. Each (T, K) costs a graph trace (seconds): keep it lean.
+FULL_GRID = [(1, None), (1, 1), (7, None), (7, 1), (7, 3), (7, 7), (16, None), (16, 1), (16, 3), (16, 16)]
+SHORT_GRID = [(16, None), (16, 1), (16, 3)]
+VARIANTS = {"sgd": FULL_GRID, "momentum_wd": SHORT_GRID, "adam": SHORT_GRID, "meta_sgd": SHORT_GRID}
 
 
 def _relative(a, b):
@@ -38,7 +44,7 @@ def _meta_gradients(learner, task, variants):
     """d query loss / d meta-parameters of one task for each (T, remat K), in one graph."""
     sx, sy, qx, qy = (t[0] for t in task)
 
-    @tf.function
+    @tf.function(autograph=False)
     def grads():
         out = []
         for steps, k in variants:
@@ -59,7 +65,7 @@ def _meta_gradients(learner, task, variants):
 def test_remat_meta_gradient_equals_maml(float64, optimizer):
     learner = MetaLearner(smooth_conv_bn(), **OPTIMIZERS[optimizer])
     task = classification_tasks(1, 3, 2, 2, (6, 6, 1))
-    results = dict(zip(VARIANTS, _meta_gradients(learner, task, VARIANTS)))
+    results = dict(zip(VARIANTS[optimizer], _meta_gradients(learner, task, VARIANTS[optimizer])))
     for (steps, k), grads in results.items():
         if k is None:
             assert np.max(np.abs(grads[0])) > 1e-6  # the initialization's gradient is not trivial
@@ -72,8 +78,11 @@ def test_remat_meta_gradient_equals_maml(float64, optimizer):
 
 
 def test_remat_matches_finite_differences_at_seven_steps(float64):
-    learner = MetaLearner(smooth_conv_bn(), inner_optimizer=inner_optimizers.adam(0.05),
-                          inner_steps=7, meta_sgd=True, remat=3)
+    """(Adam's meta-gradient agrees with central differences to only about 1e-5 in float64, with
+    or without remat: its eps_root square root; momentum with weight decay is checked here.)"""
+    optimizer = inner_optimizers.momentum(0.2, momentum=0.9, weight_decay=0.01)
+    learner = MetaLearner(smooth_conv_bn(), inner_optimizer=optimizer, inner_steps=7, meta_sgd=True,
+                          remat=3)
     tasks = classification_tasks(2, 3, 2, 2, (6, 6, 1))
     error, analytic, _ = fd_check(learner, tasks)
     assert abs(analytic) > 1e-6
@@ -84,30 +93,28 @@ def _estimator_grads(learner_kwargs, estimator, tasks):
     fn_grads = []
     for remat in (None, learner_kwargs.pop("remat")):
         learner = MetaLearner(smooth_conv_bn(), remat=remat, **learner_kwargs)
-        fn = tf.function(lambda: estimator.meta_gradient(learner, tasks))
+        fn = tf.function(lambda: estimator.meta_gradient(learner, tasks), autograph=False)
         result = fn()
         fn_grads.append(([g.numpy() for g in result.grads], {k: float(v) for k, v in result.metrics.items()}))
     return fn_grads
 
 
-@pytest.mark.parametrize("estimator, kwargs", [
-    ("maml", dict(inner_steps=5, remat="sqrt", adapt="head")),  # body weights enter the inner loss
-    ("reuse", dict(inner_steps=7, remat="every:4", inner_optimizer="momentum")),
-    ("linearity", dict(inner_steps=5, remat="every:2")),  # the path length is differentiated too
-])
-def test_remat_through_the_task_loop(float64, estimator, kwargs):
-    est = estimators.get(estimator, **({"reuse_window": 2} if estimator == "reuse" else {}))
-    if estimator == "linearity":
-        est = estimators.get("linearity", base="maml", amplitude_weight=0.5)
+def test_remat_through_the_task_loop_linearity_on_reuse(float64):
+    """maml's task loop with LIL on a reuse base: observers (the path length, differentiated by
+    the amplitude loss) and reuse windows cross the checkpoints; the metrics are unchanged."""
+    est = estimators.get("linearity", base="reuse", reuse_window=2, amplitude_weight=0.5)
     tasks = classification_tasks(2, 3, 2, 2, (6, 6, 1))
-    (plain, plain_metrics), (remat, remat_metrics) = _estimator_grads(dict(kwargs), est, tasks)
+    kwargs = dict(inner_steps=7, remat="every:4", inner_optimizer="momentum")
+    (plain, plain_metrics), (remat, remat_metrics) = _estimator_grads(kwargs, est, tasks)
     assert _relative(plain, remat) <= 1e-10
+    assert plain_metrics["amplitude_loss"] > 0
     for key, value in plain_metrics.items():
         assert remat_metrics[key] == pytest.approx(value, rel=1e-10, abs=1e-12), key
 
 
-def test_remat_meta_network_gets_its_gradient(float64):
-    """A meta-network inside the inner loss (Sec. 2.2, 000_...) is an input of every window."""
+def test_remat_meta_network_and_frozen_body_get_their_gradients(float64):
+    """A meta-network inside the inner loss (Sec. 2.2, 000_...) and the weights that do not adapt
+    (adapt="head") enter every window as inputs, so they get their gradients through it."""
     keras.utils.set_random_seed(3)
     weigher = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
                                 keras.layers.Dense(1, activation="softplus")])
@@ -117,10 +124,11 @@ def test_remat_meta_network_gets_its_gradient(float64):
         weights, _ = weigher.stateless_call(meta.net, [], x)
         return tf.reduce_mean(weights[:, 0] * losses)
 
-    kwargs = dict(inner_steps=6, meta_network=weigher, inner_loss=inner_loss, remat="every:2")
-    tasks = classification_tasks(1, 3, 2, 2, (6, 6, 1))
+    kwargs = dict(inner_steps=6, meta_network=weigher, inner_loss=inner_loss, remat="sqrt",
+                  adapt="head")
+    tasks = classification_tasks(2, 3, 2, 2, (6, 6, 1))
     (plain, _), (remat, _) = _estimator_grads(kwargs, estimators.get("maml"), tasks)
-    assert np.max(np.abs(plain[-1])) > 1e-8
+    assert np.max(np.abs(plain[0])) > 1e-8 and np.max(np.abs(plain[-1])) > 1e-8  # conv, weigher
     assert _relative(plain, remat) <= 1e-10
 
 
@@ -154,7 +162,7 @@ def test_first_order_estimators_refuse_remat(name, options):
     learner = MetaLearner(smooth_conv_bn(), inner_steps=4, remat="sqrt")
     with pytest.raises(ValueError, match="--remat") as err:
         make().check_remat(learner)
-    assert name in str(err.value) and "first" not in str(err.value).split("valid")[0]
+    assert name in str(err.value)
     make().check_remat(MetaLearner(smooth_conv_bn(), inner_steps=4))  # remat none: accepted
 
 
