@@ -171,3 +171,23 @@ def test_reuse_needs_a_remat_window_of_whole_reuse_windows():
     with pytest.raises(ValueError, match="--remat"):
         estimators.get("reuse", reuse_window=2).check_remat(learner)
     estimators.get("reuse", reuse_window=3).check_remat(learner)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--estimator", "fomaml", "--remat", "sqrt"], ["--remat", "'fomaml'"]),
+    (["train", "--estimator", "linearity", "--base", "fomaml", "--remat", "every:1"], ["--remat", "'fomaml'"]),
+    (["train", "--inner-steps", "4", "--remat", "every:5"], ["--remat", "1 <= K <= T"]),
+    (["train", "--remat", "every:0"], ["--remat", "K >= 1"]),
+    (["train", "--remat", "often"], ["--remat", "none, sqrt or every:K"]),
+    (["bench", "--estimator", "reptile", "--remat", "sqrt"], ["--remat", "'reptile'"]),
+    (["bench", "--estimator", "reuse", "--reuse-window", "2", "--inner-steps", "6", "--remat", "every:3"],
+     ["--remat", "multiple of the reuse window"]),
+])
+def test_cli_refuses_bad_remat_before_writing_anything(argv, words, capsys, tmp_path, monkeypatch):
+    from tfmeta import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv + (["--out", "run"] if argv[0] == "train" else [])) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(w in err for w in words), err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
