@@ -24,6 +24,9 @@ of each window's map, inner gradients included, so still second order); memory h
 activations plus T/K states: about sqrt(T) with K ~ sqrt(T), for one more forward pass of the inner
 loop.
 
+Random layers (Dropout) draw fresh randomness for each gradient evaluation: the step index is
+folded into the open seed scope of :mod:`tfmeta.randomness`.
+
 An :class:`Observer` accumulates statistics along the trajectory (path length, gradient norms,
 gradient differences) without keeping the trajectory: the linearity metrics and the reuse
 estimator's gradient-difference metric are observers.
@@ -35,7 +38,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
-from tfmeta import inner_optimizers
+from tfmeta import inner_optimizers, randomness
 
 
 class Observer(NamedTuple):
@@ -111,7 +114,8 @@ def run(
 
     def window(t, params, state, acc, length: int, rate, args):
         """One gradient evaluation, then `length` optimizer steps with that gradient."""
-        grads = gradient(params, args)
+        with randomness.fold(t):  # random layers: fresh masks for each gradient evaluation
+            grads = gradient(params, args)
         for j in range(length):
             new_params, state = inner_optimizers.step(optimizer, params, grads, state, rate)
             if observer is not None:
