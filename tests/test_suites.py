@@ -26,7 +26,8 @@ def test_quick_cost_suite_writes_json_and_plots(tmp_path):
     assert report == json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["suite"] == "cost" and report["quick"] is True
     labels = {r["label"] for r in report["results"]}
-    assert labels == {"plain", "maml", "fomaml", "reptile", "implicit", "shifting", "linearity", "reuse(2)"}
+    assert labels == {"plain", "maml", "fomaml", "reptile", "implicit", "shifting", "linearity", "reuse(2)",
+                      "maml+remat(sqrt)"}
     assert len(report["results"]) == len(suites.cost_configurations(quick=True))
     for row in report["results"]:
         assert "error" not in row, row
@@ -43,4 +44,23 @@ def test_cost_configurations_cover_the_issue():
     assert labels >= {"plain", "maml", "fomaml", "reptile", "reuse(2)", "reuse(4)", "reuse(8)",
                       "implicit", "shifting", "linearity"}
     assert {t for n, _, t in configs if n == "implicit"} == {1, 2, 4, 8, 16, 32, 64, 100}
+    # maml, maml+remat, reuse and implicit side by side up to T = 100 (issue 21)
+    for label in ("maml", "maml+remat(sqrt)", "implicit", "reuse(4)"):
+        assert 100 in {t for n, o, t in configs if suites._label(n, o) == label}, label
+    assert {t for n, o, t in configs if o.get("remat") == "sqrt"} == {1, 2, 4, 8, 16, 32, 64, 100}
     assert all(t >= o["reuse_window"] for n, o, t in configs if n == "reuse")
+
+
+def _row(label, t, seconds, mb):
+    return {"label": label, "inner_steps": t, "seconds_per_step_median": seconds, "peak_rss_mb": mb}
+
+
+def test_cost_targets_of_remat():
+    rows = [_row("maml", 4, 1.0, 900), _row("maml", 64, 10.0, 2000), _row("maml", 100, 0, 0) | {"error": "x"},
+            _row("maml+remat(sqrt)", 4, 1.2, 800), _row("maml+remat(sqrt)", 64, 14.0, 1000),
+            _row("maml+remat(sqrt)", 100, 30.0, 1100)]
+    targets = suites.cost_targets(rows)
+    memory = targets["maml+remat(sqrt) memory T=100 / T=4 <= 1.3"]
+    assert memory == {"value": 1100 / 800, "met": False}
+    time = targets["maml+remat(sqrt)/maml time at T=64 <= 1.5"]  # T=100 errored for maml
+    assert time == {"value": 1.4, "met": True}

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta import estimators, models, runtime
-from tfmeta.learner import MetaLearner
+from tfmeta.learner import MetaLearner, parse_remat, remat_window
 from tfmeta.training import MetaTrainer
 
 ESTIMATORS = ("plain",) + estimators.names()
@@ -60,10 +60,12 @@ def _plain_step(model, tasks):
     return lambda: float(step())
 
 
-def _meta_step(model, tasks, estimator, inner_steps, unroll, parallel_tasks, options, linearity_metrics):
-    learner = MetaLearner(model, inner_lr=0.4, inner_steps=inner_steps, unroll=unroll)
+def _meta_step(model, tasks, estimator, inner_steps, unroll, parallel_tasks, options, linearity_metrics,
+               remat=None):
+    learner = MetaLearner(model, inner_lr=0.4, inner_steps=inner_steps, unroll=unroll, remat=remat)
     est = estimators.get(estimator, parallel_tasks=parallel_tasks, **options)
     est.linearity_metrics = linearity_metrics
+    est.check_remat(learner)
     trainer = MetaTrainer(learner, est, keras.optimizers.Adam(1e-3))
     tensors = tuple(tf.constant(t) for t in tasks)
     return lambda: trainer.train_step(tensors)["loss"]
@@ -86,6 +88,7 @@ def run(
     strategy: str = "default",
     linearity_metrics: bool = False,
     filters: int = 64,
+    remat=None,
 ) -> dict:
     """Time `steps` meta-steps after one compile-and-run call; returns the figures as a dict."""
     if estimator not in ESTIMATORS:
@@ -100,6 +103,10 @@ def run(
     runtime.check_split(meta_batch, strat)
     if estimator == "plain" and strategy != "default":
         raise ValueError("estimator='plain' is timed without a strategy: use strategy='default'.")
+    remat = parse_remat(remat)
+    if estimator == "plain" and remat is not None:
+        raise ValueError(f"remat={remat!r} (--remat) is not valid with estimator='plain': it has no "
+                         "inner loop.")
     tasks = random_tasks(meta_batch, ways, shots, query, seed=seed)
     with strat.scope():
         keras.utils.set_random_seed(seed)
@@ -108,7 +115,7 @@ def run(
             call = _plain_step(net, tasks)
         else:
             call = _meta_step(net, tasks, estimator, inner_steps, unroll, parallel_tasks, options or {},
-                              linearity_metrics)
+                              linearity_metrics, remat)
     began = time.perf_counter()
     call()
     first = time.perf_counter() - began
@@ -132,6 +139,8 @@ def run(
         "options": options or {},
         "strategy": strategy,
         "linearity_metrics": linearity_metrics,
+        "remat": "none" if remat is None else remat if remat == "sqrt" else f"every:{remat}",
+        "remat_window": remat_window(remat, inner_steps) if estimator != "plain" else None,
         "replicas": strat.num_replicas_in_sync,
         "steps": steps,
         "seconds_per_step_median": median,

@@ -152,7 +152,15 @@ def _add_train_flags(p):
     p.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-step (default 32; 25 for sinusoid)")
     p.add_argument("--iterations", type=_positive_int, default=None, help="meta-steps (default 2000; 20000 for sinusoid)")
     p.add_argument("--seed", type=int, default=0)
+    _add_remat_flag(p)
     _add_estimator_flags(p)
+
+
+def _add_remat_flag(p):
+    from tfmeta.learner import REMAT_HELP
+
+    p.add_argument("--remat", default="none", metavar="{none,sqrt,every:K}",
+                   help=f"{REMAT_HELP} (default none)")
 
 
 def _add_preset_flag(p):
@@ -271,6 +279,7 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--parallel-tasks", type=_positive_int, default=2,
                        help="tasks of the task loop that may run at once")
     bench.add_argument("--seed", type=int, default=0)
+    _add_remat_flag(bench)
     _add_estimator_flags(bench)
     _add_runtime_flags(bench)
     if with_search:  # imports KerasTuner: only when the command may be `search`
@@ -639,7 +648,7 @@ def cmd_bench(args) -> dict:
         filters=args.filters,
         unroll=args.unroll, parallel_tasks=args.parallel_tasks, seed=args.seed,
         options=estimator_options(args) if args.estimator != "plain" else {},
-        strategy=args.strategy, linearity_metrics=args.linearity_metrics,
+        strategy=args.strategy, linearity_metrics=args.linearity_metrics, remat=args.remat,
     )
     if not args.json:
         print(f"{args.estimator}: {result['seconds_per_step_median']:.3f} s/step (median of {result['steps']}), "

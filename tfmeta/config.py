@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from typing import Any
 
 from tfmeta import _backend  # noqa: F401
@@ -16,7 +17,7 @@ from tfmeta import _backend  # noqa: F401
 import keras
 
 from tfmeta import data, estimators, inner_optimizers, models
-from tfmeta.learner import MetaLearner
+from tfmeta.learner import MetaLearner, parse_remat
 
 META_OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
 
@@ -60,6 +61,8 @@ class RunConfig:
     estimator_options: dict = dataclasses.field(default_factory=dict)
     #: log the LIL linearity metrics (PC, AC) every meta-step whatever the estimator.
     linearity_metrics: bool = False
+    #: rematerialise the inner loop (MetaLearner's `remat`): "none", "sqrt" or "every:K".
+    remat: str = "none"
     #: the `--preset` the values came from (a record; the values themselves are in the fields).
     preset: str | None = None
 
@@ -87,6 +90,7 @@ class RunConfig:
         if filled.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"meta_optimizer={filled.meta_optimizer!r} is not valid: "
                              f"expected one of {sorted(META_OPTIMIZERS)}.")
+        _check_remat(filled)
         return filled
 
     def save(self, path: str) -> None:
@@ -151,6 +155,21 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
+def _check_remat(config: RunConfig) -> None:
+    """Refuse a bad --remat before anything is written: K out of 1..T, or an estimator that does
+    not differentiate through the inner loop (the learner and estimator raise the same)."""
+    remat = parse_remat(config.remat)
+    if remat is None:
+        return
+    if isinstance(remat, int) and remat > config.inner_steps:
+        raise ValueError(
+            f"remat={config.remat!r} (--remat every:{remat}) is not valid for inner_steps="
+            f"{config.inner_steps}: expected a window K with 1 <= K <= T."
+        )
+    probe = types.SimpleNamespace(remat=remat, inner_steps=config.inner_steps)
+    build_estimator(config).check_remat(probe)
+
+
 def build_model(config: RunConfig) -> keras.Model:
     """The configured network, freshly initialised from `config.seed`."""
     keras.utils.set_random_seed(config.seed)
@@ -179,7 +198,8 @@ def build_learner(config: RunConfig) -> MetaLearner:
         from tfmeta.data import synthetic2d
 
         return synthetic2d.make_learner(inner_optimizer=build_inner_optimizer(config),
-                                        inner_lr=config.inner_lr, inner_steps=config.inner_steps)
+                                        inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                                        remat=config.remat)
     task = "regression" if config.dataset == "sinusoid" else "classification"
     return MetaLearner(
         build_model(config),
@@ -188,6 +208,7 @@ def build_learner(config: RunConfig) -> MetaLearner:
         inner_lr=config.inner_lr,
         inner_steps=config.inner_steps,
         adapt=config.adapt,
+        remat=config.remat,
     )
 
 

@@ -61,6 +61,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from typing import Callable, Sequence
 
@@ -243,6 +244,7 @@ class FunctionalModel:
             )
         self.model = model
         self.batchnorm = batchnorm
+        self._given_state = threading.local()  # see `given_state`
         self.paths = tuple(v.path for v in model.trainable_variables)
         self.adapted = select_adapted(self.paths, adapt)
         layers = list(model._flatten_layers(include_self=True))
@@ -270,8 +272,29 @@ class FunctionalModel:
         return [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
 
     def state(self) -> list[tf.Tensor]:
-        """Current values of the non-trainable state (BN statistics, RNG seeds)."""
+        """Current values of the non-trainable state (BN statistics, RNG seeds).
+
+        Inside :meth:`given_state`, the values given there instead of the variables' values.
+        """
+        given = getattr(self._given_state, "values", None)
+        if given is not None:
+            return list(given)
         return [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
+
+    @contextlib.contextmanager
+    def given_state(self, values: Sequence[tf.Tensor]):
+        """Calls in this context use `values` (as from :meth:`state`) and read no variable.
+
+        A rematerialised inner loop (`tfmeta.inner_loop`, remat) recomputes its windows inside
+        the gradient of a `tf.while_loop`, where reading a variable is not possible: it reads the
+        state once and passes it in here.
+        """
+        previous = getattr(self._given_state, "values", None)
+        self._given_state.values = list(values)
+        try:
+            yield
+        finally:
+            self._given_state.values = previous
 
     def __call__(self, params: Sequence[tf.Tensor], x, *, training: bool = True,
                  fused_batchnorm: bool = False):

@@ -130,6 +130,7 @@ class MetaModel(keras.Model):
             estimator = estimators.get(estimator)
         if not isinstance(estimator, estimators.Estimator):
             raise TypeError(f"estimator must be a name or an Estimator, got {type(estimator).__name__}.")
+        estimator.check_remat(self.learner)
         estimator.check(self.learner)
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm={clip_norm!r} is not valid: expected a number > 0.")

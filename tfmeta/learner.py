@@ -27,6 +27,7 @@ Example (meta-network weighting the inner loss)::
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Sequence
 
 from tfmeta import _backend  # noqa: F401
@@ -38,6 +39,58 @@ from tfmeta import inner_loop, inner_optimizers
 from tfmeta.functional import FunctionalModel
 
 TASK_TYPES = ("classification", "regression")
+
+#: choices of `remat` (CLI --remat): no rematerialisation, a window of about sqrt(T) steps, or K.
+REMAT_HELP = ("recompute the inner loop's activations in the backward pass instead of storing them "
+              "(exact second order, memory ~ sqrt(T) or flat, one more inner forward pass): none, sqrt "
+              "(a checkpoint every ~sqrt(T) inner steps) or every:K (every K steps, 1 <= K <= T)")
+
+
+def parse_remat(value):
+    """`remat` as given (None, "none", "sqrt", "every:K", or an int K) -> None, "sqrt" or K.
+
+    Raises ValueError naming ``remat`` (``--remat``) for anything else or K < 1.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"remat={value!r} (--remat) is not valid: expected none, sqrt or every:K.")
+    if isinstance(value, int):
+        k = value
+    else:
+        text = str(value).strip().lower()
+        if text == "none":
+            return None
+        if text == "sqrt":
+            return "sqrt"
+        k = None
+        if text.startswith("every:"):
+            try:
+                k = int(text[len("every:"):])
+            except ValueError:
+                k = None
+        if k is None:
+            raise ValueError(
+                f"remat={value!r} (--remat) is not valid: expected none, sqrt or every:K with K an "
+                "integer (inner steps between checkpoints)."
+            )
+    if k < 1:
+        raise ValueError(f"remat={value!r} (--remat) is not valid: expected every:K with K >= 1.")
+    return k
+
+
+def remat_window(remat, steps: int, reuse_window: int = 1):
+    """The checkpoint window K for T = `steps` (None: no rematerialisation).
+
+    "sqrt" picks K about sqrt(T) (a multiple of `reuse_window`, about sqrt(T / n) reuse windows);
+    an integer K is used as is, at most T.
+    """
+    if remat is None or steps == 0:
+        return None
+    if remat == "sqrt":
+        units = -(-steps // reuse_window)
+        return min(reuse_window * max(1, round(math.sqrt(units))), steps)
+    return min(remat, steps)
 
 
 class MetaParams(NamedTuple):
@@ -70,6 +123,11 @@ class MetaLearner:
         inner_loss, outer_loss: optional ``fn(learner, params, meta, x, y) -> scalar`` replacing
             the task loss on the support (inner) or query (outer) set.
         unroll: unroll the inner loop in the graph instead of a `tf.while_loop`.
+        remat: rematerialise the inner loop when it is differentiated (second order): None or
+            "none", "sqrt" (a checkpoint every ~sqrt(T) steps) or "every:K" / K (1 <= K <= T).
+            The forward pass stores the inner state every K steps only; the backward pass
+            recomputes each window (see :mod:`tfmeta.inner_loop`). Same meta-gradient, memory
+            about K steps' activations plus T/K states instead of T steps' activations.
     """
 
     def __init__(
@@ -87,6 +145,7 @@ class MetaLearner:
         inner_loss: Callable | None = None,
         outer_loss: Callable | None = None,
         unroll: bool = False,
+        remat=None,
     ):
         if task not in TASK_TYPES:
             raise ValueError(f"task={task!r} is not valid: expected one of {TASK_TYPES}.")
@@ -103,6 +162,12 @@ class MetaLearner:
         self.inner_optimizer = inner_optimizer
         self.inner_steps = _positive_int("inner_steps", inner_steps)
         self.unroll = bool(unroll)
+        self.remat = parse_remat(remat)
+        if isinstance(self.remat, int) and self.remat > self.inner_steps:
+            raise ValueError(
+                f"remat={remat!r} (--remat every:{self.remat}) is not valid for inner_steps="
+                f"{self.inner_steps}: expected a window K with 1 <= K <= T."
+            )
         self.meta_network = meta_network
         self._inner_loss = inner_loss
         self._outer_loss = outer_loss
@@ -224,11 +289,19 @@ class MetaLearner:
         ``(params, accumulator)``.
         """
         steps = self.inner_steps if steps is None else _positive_int("steps", steps)
+        a, b, c = len(meta.init), len(meta.lr), len(meta.net)
+
+        def loss_fn(adapted, *flat):
+            # the meta-parameters, the support set and the model's state come in as arguments
+            # (neither captured nor read from variables), so that a rematerialised window
+            # (remat) rebinds them, the meta-parameters receive their gradients through it, and
+            # its recomputation inside a tf.while_loop gradient reads no variable
+            inner = MetaParams(list(flat[:a]), list(flat[a:a + b]), list(flat[a + b:a + b + c]))
+            x_, y_, *state = flat[a + b + c:]
+            with self.fmodel.given_state(state):
+                return self.inner_loss(self.fmodel.merge(inner.init, adapted), inner, x_, y_)
+
         start = list(meta.init)
-
-        def loss_fn(adapted):
-            return self.inner_loss(self.fmodel.merge(start, adapted), meta, x, y)
-
         result = inner_loop.run(
             loss_fn,
             [start[i] for i in self.fmodel.adapted],
@@ -239,6 +312,9 @@ class MetaLearner:
             unroll=self.unroll,
             reuse_window=reuse_window,
             observer=observer,
+            remat=remat_window(self.remat, steps, reuse_window) if second_order else None,
+            loss_args=list(meta.init) + list(meta.lr) + list(meta.net),
+            loss_constants=[tf.convert_to_tensor(x), tf.convert_to_tensor(y)] + self.fmodel.state(),
         )
         if observer is None:
             return self.fmodel.merge(start, result)

@@ -156,6 +156,7 @@ def make_learner(
     inner_steps: int = 100,
     model: keras.Model | None = None,
     dtype=None,
+    remat=None,
 ):
     """A MetaLearner for the synthetic tasks: the point model, inner and outer loss L_t.
 
@@ -173,7 +174,7 @@ def make_learner(
     model = point_model(init, dtype=dtype) if model is None else model
     return MetaLearner(
         model, task="regression", inner_optimizer=inner_optimizer, inner_lr=inner_lr,
-        inner_steps=inner_steps, inner_loss=_loss, outer_loss=_loss,
+        inner_steps=inner_steps, inner_loss=_loss, outer_loss=_loss, remat=remat,
     )
 
 

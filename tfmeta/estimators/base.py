@@ -142,6 +142,33 @@ class Estimator(abc.ABC):
     def check(self, learner: MetaLearner) -> None:
         """Raise ValueError if this estimator cannot train `learner` (called before tracing)."""
 
+    @property
+    def differentiates_inner_loop(self) -> bool:
+        """Whether the meta-gradient is backpropagated through the learner's inner loop, which
+        the learner's `remat` then rematerialises (second-order estimators)."""
+        return bool(self.second_order)
+
+    def remat_name(self) -> str:
+        """How :meth:`check_remat` names this estimator in its error."""
+        return repr(self.name or type(self).__name__)
+
+    def check_remat(self, learner: MetaLearner) -> None:
+        """Raise ValueError, naming --remat, if the learner's `remat` does not apply here.
+
+        Rematerialisation recomputes the inner loop's activations for backpropagation through it;
+        an estimator that does not backpropagate through the inner loop (first-order MAML,
+        Reptile, iMAML, trajectory shifting) stores none, so remat is refused rather than ignored.
+        """
+        if learner.remat is None:
+            return
+        if not self.differentiates_inner_loop:
+            raise ValueError(
+                f"remat={learner.remat!r} (--remat) is not valid with estimator "
+                f"{self.remat_name()}: it does not differentiate through the inner loop, so "
+                "there are no inner-loop activations to recompute. Expected --remat none, or a "
+                "second-order estimator (maml, reuse, linearity with a second-order base)."
+            )
+
     def metric_names(self, learner: MetaLearner) -> tuple[str, ...]:
         """Names of the metrics :meth:`task_gradient` returns (fixed, for the task loop)."""
         return learner.metric_names
@@ -191,6 +218,7 @@ class Estimator(abc.ABC):
             tasks: a TaskBatch (or any 4-tuple support_x, support_y, query_x, query_y) of M tasks.
             meta_values: meta-parameter tensors; default the learner's current values.
         """
+        self.check_remat(learner)
         meta_values = learner.meta_values() if meta_values is None else list(meta_values)
         tasks = Task(*tasks)
         count = tf.shape(tasks.support_x)[0]

@@ -153,6 +153,14 @@ class Linearity(Estimator):
     def check(self, learner: MetaLearner) -> None:
         self.base.check(learner)
 
+    def remat_name(self) -> str:
+        return f"'linearity' with base {self.base.name!r}"
+
+    def check_remat(self, learner: MetaLearner) -> None:
+        super().check_remat(learner)
+        if learner.remat is not None:
+            self.base.check_remat(learner)
+
     def metric_names(self, learner: MetaLearner) -> tuple[str, ...]:
         return tuple(learner.metric_names) + linearity.LOSS_NAMES + linearity.METRIC_NAMES
 
@@ -221,6 +229,8 @@ class LILPretraining(Estimator):
 
     name = "lil_pretraining"
     second_order = True
+    #: the student takes one differentiated inner gradient; the teacher's inner loop is constant
+    differentiates_inner_loop = False
 
     def __init__(self, phase_weight: float = linearity.PHASE_WEIGHT,
                  teacher_momentum: float = 0.999, parallel_tasks: int = 2):

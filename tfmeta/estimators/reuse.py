@@ -253,6 +253,17 @@ class Reuse(MAML):
                 "(the paper uses T = K * n; n = T gives one gradient evaluation)."
             )
 
+    def check_remat(self, learner):
+        """A remat window K must hold whole reuse windows (checkpoints at window starts)."""
+        super().check_remat(learner)
+        k = learner.remat
+        if isinstance(k, int) and k % self.reuse_window and k < learner.inner_steps:
+            raise ValueError(
+                f"remat={k!r} (--remat every:{k}) is not valid with reuse_window="
+                f"{self.reuse_window}: expected a multiple of the reuse window (or sqrt, which "
+                "picks one), so that checkpoints fall on the starts of reuse windows."
+            )
+
     def metric_names(self, learner):
         return tuple(learner.metric_names) + (GRAD_DIFFERENCE,)
 
