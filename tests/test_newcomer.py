@@ -89,3 +89,40 @@ def test_time_budget_stop_is_said_and_resume_is_honest(tmp_path, capsys):
     ends = [(int(r.split(",")[0]), float(r.split(",")[header.index("meta_step")])) for r in rows[1:]]
     assert ends == [(0, 1.0), (0, 4.0), (1, 7.0)]
     assert not os.path.exists(os.path.join(run, ".lock"))
+
+
+OFFLINE = r"""
+import json, socket, sys, time
+import tensorflow_datasets  # the install must bring what it imports (importlib_resources)
+from tfmeta import cli
+
+def offline(*args, **kwargs):
+    raise socket.gaierror(-2, "Name or service not known")
+
+socket.getaddrinfo = offline  # no network, whatever this machine has
+began = time.monotonic()
+code = cli.main(["train", "--dataset", "omniglot", "--no-progress", "--out", sys.argv[1]])
+print(json.dumps({"code": code, "seconds": time.monotonic() - began}))
+"""
+
+
+def test_omniglot_without_data_dir_offline_fails_fast_naming_the_way_out(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "TFDS_DATA_DIR": str(tmp_path / "tfds")}
+    proc = subprocess.run([sys.executable, "-c", OFFLINE, str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=300, cwd=str(tmp_path), env=env)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 2, proc.stderr[-2000:]
+    assert result["seconds"] < 10
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("tfmeta train: error:") and "no network" in message
+    for name in ("--data-dir", "images_background.zip", "images_evaluation.zip", "images_background_small1.zip"):
+        assert name in message
+    assert "Traceback" not in proc.stderr
+
+
+def test_tensorflow_datasets_import_error_is_reported_as_one(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails with ImportError
+    from tfmeta.data.omniglot import load_omniglot
+
+    with pytest.raises(RuntimeError, match=r"could not import tensorflow_datasets \((ModuleNotFound|Import)Error"):
+        load_omniglot(None)
