@@ -98,6 +98,8 @@ class RunConfig:
         return filled
 
     def save(self, path: str) -> None:
+        """Write ``config.json`` of a run directory (created if missing) atomically."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)

@@ -228,14 +228,18 @@ class MetaModel(keras.Model):
             validation_data=validation_data, validation_steps=validation_steps, **kwargs,
         )
 
-    def evaluate(self, x=None, *, steps=None, **kwargs):
-        """Keras `evaluate` on task batches (a sampler needs `steps`, default 10)."""
+    def evaluate(self, x=None, *, steps=None, return_dict=True, **kwargs):
+        """Keras `evaluate` on task batches (a sampler needs `steps`, default 10).
+
+        Returns a dict (``return_dict=False``: Keras' list): the query ``loss`` and ``accuracy``
+        after adaptation and ``loss_before``/``accuracy_before`` at the initialization, averaged.
+        """
         if hasattr(x, "dataset"):
             steps = steps or 10
             x = task_dataset(x, steps=steps)
         elif isinstance(x, tf.data.Dataset):
             x = task_dataset(x)
-        return super().evaluate(x, steps=steps, **kwargs)
+        return super().evaluate(x, steps=steps, return_dict=return_dict, **kwargs)
 
     def adapt(self, support_x, support_y, steps: int | None = None) -> keras.Model:
         """A plain Keras model (a copy of the base model) holding the weights adapted to one task.
