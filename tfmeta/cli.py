@@ -246,7 +246,9 @@ def _load_run(run_dir: str | None):
     run_dir = run_dir or _newest_run()
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"--run={run_dir!r} is not a tfmeta run directory (no config.json).")
+        raise ValueError(f"--run={run_dir!r} is not a tfmeta run directory (no config.json): expected a "
+                         f"directory written by tfmeta train, or from Python by RunConfig.save(RUNDIR/config.json) "
+                         f"and MetaTrainer(checkpoint_dir=RUNDIR/checkpoints) (README: Using it from Python).")
     config = RunConfig.load(path).resolved()
     learner = build_learner(config)
     trainer = MetaTrainer(learner, build_estimator(config), build_meta_optimizer(config),
