@@ -14,6 +14,7 @@ setup(
         "keras>=3.10",
         "numpy>=1.26",
         "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tensorflow-datasets 4.9.10 imports it without requiring it
         "tensorboard>=2.20",  # tf.summary for the TensorBoard callback
         "keras-tuner>=1.4.8",  # tfmeta search (Auto-Meta)
     ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,9 @@ def small_dense(ways=3, inputs=4, seed=0):
         keras.layers.Dense(5, activation="tanh"),
         keras.layers.Dense(ways),
     ])
+
+
+#: The Omniglot small background archive's folder: $TFMETA_OMNIGLOT_DIR, else ../shared/data/omniglot
+#: beside the repository. Tests that need it skip without it (README, "Run the tests").
+OMNIGLOT_DIR = os.environ.get("TFMETA_OMNIGLOT_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "omniglot")

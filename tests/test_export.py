@@ -89,7 +89,7 @@ def test_versions_never_overwrite_and_a_crash_leaves_no_partial_version(adapter,
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(learner.model, "save", crash)
+    monkeypatch.setattr(keras.Model, "save", crash)  # model.keras is written last
     with pytest.raises(OSError, match="disk full"):
         export.export_adapter(learner, str(root), "omni")
     assert sorted(os.listdir(root / "omni")) == ["1", "2"]  # no version 3, no .tmp-* left

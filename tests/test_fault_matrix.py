@@ -193,7 +193,7 @@ def test_3_resume_without_index_file_continues_from_the_newest_intact_checkpoint
     assert rc == 0, err
     assert "checkpoint index file" in err and "ckpt-6" in err and "newest intact" in err
     assert "--iterations 8 (was 6)" in out
-    assert "meta-trained 8 steps" in out
+    assert "resumed at step 6: meta-trained steps 7-8 (2)" in out
     after = _hashes(run / "checkpoints", models)
     for path, digest in before.items():  # ckpt-2/4/6 and export 1 untouched
         assert after[path] == digest, path

@@ -1,8 +1,10 @@
 """The `tfmeta` command line: train, evaluate, export, bench, search.
 
-`tfmeta train` with no flags is the main job: sinusoid 5-shot regression with exact MAML, about
-a minute on two CPU cores, a progress bar, a final line comparing held-out MSE before and after
-adaptation, and a SavedModel of the learned initialization under ``saved_models/``.
+`tfmeta train` with no flags is the main job: sinusoid 5-shot regression with exact MAML, its
+meta-training capped by the default ``--time-budget`` of 100 s (about 1.5 minutes in all on two
+CPU cores; a capped run says "stopped by --time-budget at step N of M"), a progress bar, a final
+line comparing held-out MSE before and after adaptation, and a SavedModel of the learned
+initialization under ``saved_models/``. Every flag's default is in ``tfmeta <command> --help``.
 With ``--json`` `train`, `evaluate` and `bench` print one JSON object as their last line.
 """
 
@@ -122,45 +124,76 @@ def estimator_options(args) -> dict:
     return {f.name: getattr(args, f.name) for f in flags if getattr(args, f.name, None) is not None}
 
 
+def _per_dataset(name: str) -> str:
+    """'(default: 5 for omniglot, 1 for sinusoid, ...)', from `config.DATASET_DEFAULTS`."""
+    from tfmeta.config import DATASET_DEFAULTS
+
+    return "(default: " + ", ".join(
+        f"{_fmt(values[name])} for {dataset}" for dataset, values in DATASET_DEFAULTS.items()) + ")"
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _add_train_flags(p):
     from tfmeta import estimators
+    from tfmeta.config import RunConfig
     from tfmeta.data import DATASETS
     from tfmeta.inner_optimizers import INNER_OPTIMIZERS
 
-    p.add_argument("--estimator", default="maml", choices=estimators.names())
-    p.add_argument("--dataset", default="sinusoid", choices=DATASETS)
-    p.add_argument("--data-dir", default=None,
+    d = RunConfig()  # the one source of the flags' defaults (per dataset: DATASET_DEFAULTS)
+    p.add_argument("--estimator", default=d.estimator, choices=estimators.names(), help="meta-gradient estimator")
+    p.add_argument("--dataset", default=d.dataset, choices=DATASETS, help="task distribution")
+    p.add_argument("--data-dir", default=d.data_dir,
                    help="directory with Omniglot's original archives (default: tensorflow-datasets download)")
-    p.add_argument("--model", default=None, choices=["conv4", "mlp", "point"],
-                   help="default: conv4 for omniglot, mlp for sinusoid, point for synthetic2d")
-    p.add_argument("--ways", type=_positive_int, default=None, help="classes per task (default 5; 1 for sinusoid)")
-    p.add_argument("--shots", type=_positive_int, default=None, help="support examples per class (default 1; 5 for sinusoid)")
-    p.add_argument("--query", type=_positive_int, default=None, help="query examples per class (default 15; 10 for sinusoid)")
-    p.add_argument("--inner-steps", type=_positive_int, default=None, help="inner steps T (default 5; 1 for sinusoid)")
-    p.add_argument("--inner-lr", type=_positive_float, default=None, help="inner learning rate (default 0.4; 0.01 for sinusoid)")
-    p.add_argument("--inner-optimizer", default=None, choices=sorted(INNER_OPTIMIZERS),
-                   help="default sgd (momentum for synthetic2d)")
+    p.add_argument("--model", default=d.model, choices=["conv4", "mlp", "point"], help="network " + _per_dataset("model"))
+    p.add_argument("--ways", type=_positive_int, default=d.ways, help="classes per task " + _per_dataset("ways"))
+    p.add_argument("--shots", type=_positive_int, default=d.shots,
+                   help="support examples per class " + _per_dataset("shots"))
+    p.add_argument("--query", type=_positive_int, default=d.query,
+                   help="query examples per class " + _per_dataset("query"))
+    p.add_argument("--inner-steps", type=_positive_int, default=d.inner_steps,
+                   help="inner steps T " + _per_dataset("inner_steps"))
+    p.add_argument("--inner-lr", type=_positive_float, default=d.inner_lr,
+                   help="inner learning rate " + _per_dataset("inner_lr"))
+    p.add_argument("--inner-optimizer", default=d.inner_optimizer, choices=sorted(INNER_OPTIMIZERS),
+                   help="inner optimizer " + _per_dataset("inner_optimizer"))
     p.add_argument("--inner-momentum", type=_unit_float, default=None,
                    help="momentum mu of --inner-optimizer momentum (Kim et al. 2020, Eq. 5; default 0.9)")
     p.add_argument("--inner-weight-decay", type=_nonnegative_float, default=None,
                    help="weight decay omega of --inner-optimizer momentum (Kim et al. 2020, Eq. 5; default 0)")
-    p.add_argument("--adapt", default="all", choices=["all", "head", "body"],
+    p.add_argument("--adapt", default=d.adapt, choices=["all", "head", "body"],
                    help="weights adapted in the inner loop: all (MAML), head (ANIL), body (BOIL)")
-    p.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="meta learning rate")
-    p.add_argument("--meta-optimizer", default="adam", choices=["adam", "sgd"],
+    p.add_argument("--meta-lr", type=_positive_float, default=d.meta_lr, help="meta learning rate")
+    p.add_argument("--meta-optimizer", default=d.meta_optimizer, choices=["adam", "sgd"],
                    help="meta-optimizer (sgd: Reptile's epsilon, shifting's beta)")
-    p.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-step (default 32; 25 for sinusoid)")
-    p.add_argument("--iterations", type=_positive_int, default=None, help="meta-steps (default 2000; 20000 for sinusoid)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--meta-batch", type=_positive_int, default=d.meta_batch,
+                   help="tasks per meta-step " + _per_dataset("meta_batch"))
+    p.add_argument("--iterations", type=_positive_int, default=d.iterations,
+                   help="meta-steps " + _per_dataset("iterations"))
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization and the task streams")
     _add_remat_flag(p)
     _add_estimator_flags(p)
 
 
 def _add_remat_flag(p):
+    from tfmeta.config import RunConfig
     from tfmeta.learner import REMAT_HELP
 
-    p.add_argument("--remat", default="none", metavar="{none,sqrt,every:K}",
+    p.add_argument("--remat", default=RunConfig.remat, metavar="{none,sqrt,every:K}",
                    help=f"{REMAT_HELP} (default none)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each flag's default (argparse %-formats help text: write %% for %)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (text == argparse.SUPPRESS or "(default" in text or not action.option_strings or action.nargs == 0
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _add_preset_flag(p):
@@ -190,10 +223,15 @@ def run_config(args):
 
 
 def _parser(with_search: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tfmeta", description=__doc__.split("\n")[0])
+    from tfmeta.config import TrainOptions
+
+    t = TrainOptions()  # the one source of `tfmeta train`'s run-option defaults
+    parser = argparse.ArgumentParser(prog="tfmeta", description=__doc__.split("\n")[0],
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="meta-train a model (default: sinusoid MAML, about a minute)")
+    train = sub.add_parser("train", help="meta-train a model (default: sinusoid MAML, meta-training capped "
+                                         f"at --time-budget {t.time_budget:g} s)")
     _add_train_flags(train)
     _add_preset_flag(train)
     train.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<estimator>-<time>)")
@@ -203,12 +241,16 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
                        "session; not the run's definition)")
     train.add_argument("--checkpoint", default=None, metavar="CKPT",
                        help="with --resume: continue from this checkpoint (e.g. ckpt-20) instead of the latest")
-    train.add_argument("--time-budget", type=_seconds, default=100.0, help="stop after this many seconds (0: no limit)")
-    train.add_argument("--checkpoint-every", type=_positive_int, default=500)
-    train.add_argument("--episodes", type=_positive_int, default=600, help="held-out episodes for the final evaluation")
+    train.add_argument("--time-budget", type=_seconds, default=t.time_budget,
+                       help="stop meta-training after this many seconds, even before --iterations; the run "
+                            "says so and --resume continues it (0: no limit)")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=t.checkpoint_every,
+                       help="meta-steps between checkpoints")
+    train.add_argument("--episodes", type=_positive_int, default=t.episodes,
+                       help="held-out episodes for the final evaluation")
     train.add_argument("--export-dir", default="saved_models", help="where the learned initialization is exported")
-    train.add_argument("--no-export", action="store_true")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-export", action="store_true", help="do not export the learned initialization")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--clip-norm", type=_positive_float, default=None,
                        help="clip the meta-gradient to this global norm")
     train.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
@@ -218,18 +260,18 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
                             "were skipped (default %d)" % _default_max_skips())
     train.add_argument("--deterministic", action="store_true",
                        help="tf.config.experimental.enable_op_determinism (bitwise-repeatable runs)")
-    train.add_argument("--steps-per-epoch", type=_positive_int, default=1000,
+    train.add_argument("--steps-per-epoch", type=_positive_int, default=t.steps_per_epoch,
                        help="meta-steps between validations (Keras epochs)")
-    train.add_argument("--validation-batches", type=_positive_int, default=2,
+    train.add_argument("--validation-batches", type=_positive_int, default=t.validation_batches,
                        help="task batches of the val split evaluated after each epoch")
     train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                        help="do not write TensorBoard logs to RUNDIR/logs")
     _add_runtime_flags(train)
 
-    evaluate = sub.add_parser("evaluate", help="adapt to held-out episodes: mean and 95% CI")
+    evaluate = sub.add_parser("evaluate", help="adapt to held-out episodes: mean and 95%% CI")
     evaluate.add_argument("--run", default=None, help="run directory (default: the newest under runs/)")
-    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--episodes", type=_positive_int, default=600)
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"], help="which classes")
+    evaluate.add_argument("--episodes", type=_positive_int, default=t.episodes, help="held-out episodes")
     evaluate.add_argument("--inner-steps", type=_positive_int, default=None, help="adaptation steps (default: the run's)")
     evaluate.add_argument("--checkpoint", default=None, metavar="CKPT",
                           help="evaluate this checkpoint (e.g. ckpt-20) instead of the latest")
@@ -286,6 +328,8 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
         from tfmeta.autometa import cli as autometa_cli
 
         autometa_cli.add_parser(sub)
+    for subparser in sub.choices.values():
+        subparser.formatter_class = _HelpFormatter
     return parser
 
 
@@ -304,7 +348,9 @@ def _load_run(run_dir: str | None, checkpoint: str | None = None):
     run_dir = run_dir or _newest_run()
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"--run={run_dir!r} is not a tfmeta run directory (no config.json).")
+        raise ValueError(f"--run={run_dir!r} is not a tfmeta run directory (no config.json): expected a "
+                         f"directory written by tfmeta train, or from Python by RunConfig.save(RUNDIR/config.json) "
+                         f"and MetaTrainer(checkpoint_dir=RUNDIR/checkpoints) (README: Using it from Python).")
     config = RunConfig.load(path).resolved()
     learner = build_learner(config)
     trainer = MetaTrainer(learner, build_estimator(config), build_meta_optimizer(config),
@@ -542,11 +588,20 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
     exported = None
     if not args.no_export and chief:
         exported = export.export_adapter(learner, args.export_dir, f"{config.dataset}_{config.estimator}")
-    steps = int(trainer.step.numpy())
-    print(f"meta-trained {steps} steps in {seconds:.1f}s; run directory {run_dir}"
-          + (f"; exported {exported}" if exported else ""))
+    steps, start = int(trainer.step.numpy()), trainer.start_step
+    if start >= config.iterations:
+        done = f"the run already had {start} of {config.iterations} meta-steps: nothing to train"
+    elif start:
+        done = f"resumed at step {start}: meta-trained steps {start + 1}-{steps} ({steps - start}) in {seconds:.1f}s"
+    else:
+        done = f"meta-trained {steps} steps in {seconds:.1f}s"
+    print(f"{done}; run directory {run_dir}" + (f"; exported {exported}" if exported else ""))
+    if trainer.stopped_by_time_budget:
+        print(f"stopped by --time-budget at step {steps} of {config.iterations} ({args.time_budget:g} s); "
+              f"continue with: tfmeta train --resume {run_dir}")
     print(_summary_line(result, learner.task, "MSE" if config.dataset == "sinusoid" else "loss"))
-    return {"run_dir": run_dir, "steps": steps, "train_seconds": seconds, "export": exported,
+    return {"run_dir": run_dir, "steps": steps, "start_step": start, "iterations": config.iterations,
+            "stopped_by_time_budget": trainer.stopped_by_time_budget, "train_seconds": seconds, "export": exported,
             "resume_changes": {k: new for k, (_, new) in changes.items()},
             "replicas": strategy.num_replicas_in_sync,
             "meta_parameters_checksum": float(sum(float(tf.reduce_sum(tf.cast(v, tf.float64)))

@@ -34,6 +34,27 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass
+class TrainOptions:
+    """How `tfmeta train` runs a configuration (one field per flag; not saved with the run).
+
+    The default `time_budget` caps the main job (`tfmeta train` with no flags) at 100 seconds of
+    meta-training, so it finishes in about 1.5 minutes on two CPU cores; a run stopped by it says
+    so ("stopped by --time-budget at step N of M") and `tfmeta train --resume RUNDIR` continues it.
+    """
+
+    #: seconds of meta-training before the run stops (0: no limit).
+    time_budget: float = 100.0
+    #: meta-steps between checkpoints.
+    checkpoint_every: int = 500
+    #: held-out episodes of the final evaluation.
+    episodes: int = 600
+    #: meta-steps between validations (Keras epochs).
+    steps_per_epoch: int = 1000
+    #: task batches of the val split evaluated after each epoch.
+    validation_batches: int = 2
+
+
+@dataclasses.dataclass
 class RunConfig:
     """Everything that defines a meta-training run (one field per `tfmeta train` flag)."""
 
@@ -94,6 +115,8 @@ class RunConfig:
         return filled
 
     def save(self, path: str) -> None:
+        """Write ``config.json`` of a run directory (created if missing) atomically."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)

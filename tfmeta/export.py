@@ -6,10 +6,11 @@ this directory) never sees a half-written version, a crash leaves at most a ``.t
 directory that TF Serving ignores (the next export removes those whose process is gone), and a new
 version never overwrites an old one. Parameters that are not finite are never exported.
 
-Each version holds a SavedModel (``serving_default``: inputs -> the model's outputs, BatchNorm in
-inference mode) that ``tf.saved_model.load`` serves without tfmeta installed, and
-``model.keras``, the same initialization for ``keras.models.load_model`` and plain ``model.fit``
-fine-tuning.
+Each version holds a SavedModel that ``tf.saved_model.load`` serves without tfmeta installed, and
+``model.keras``, the same model for ``keras.models.load_model`` and plain ``model.fit``
+fine-tuning. The ``model.keras`` of a meta-learner predicts as the learner does (BatchNorm with the
+statistics of the batch it is given, see :mod:`tfmeta.plain`), never with the running statistics
+that meta-training leaves untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from tfmeta import _backend  # noqa: F401
 
 import keras
 import tensorflow as tf
+
+from tfmeta.plain import plain_model
 
 
 def versions(root: str) -> list[int]:
@@ -128,7 +131,8 @@ def export_adapted(learner, support_x, support_y, base_dir: str, name: str, step
 
     ``base_dir/name/<next version>/`` holds a SavedModel whose ``serving_default(x)`` predicts with
     the adapted weights (BatchNorm as the learner's policy, like `adapt_and_predict`), and
-    ``model.keras``, a plain Keras model holding the adapted weights.
+    ``model.keras``, a plain Keras model holding the adapted weights whose ``predict`` follows the
+    same BatchNorm policy (:func:`tfmeta.plain.plain_model`).
     """
     from tfmeta.keras_model import MetaModel
 
@@ -231,7 +235,8 @@ def _assert_trailing_shape(tensor, trailing, message):
 def export_adapter(learner, base_dir: str, name: str, *, files: dict[str, bytes] | None = None) -> str:
     """Export a few-shot model that adapts per request inside the serving graph.
 
-    ``base_dir/name/<next version>/`` holds a SavedModel with two signatures and ``model.keras``:
+    ``base_dir/name/<next version>/`` holds a SavedModel with two signatures and ``model.keras``
+    (the initialization as a plain Keras model that predicts as the learner does):
 
     - ``serving_default(x) -> {"logits"}``: predictions at the meta-learned initialization;
     - ``adapt_and_predict(support_x, support_y, query_x) -> {"logits"}``: the learner's inner loop
@@ -254,7 +259,7 @@ def export_adapter(learner, base_dir: str, name: str, *, files: dict[str, bytes]
             "serving_default": module.serve.get_concrete_function(),
             "adapt_and_predict": module.adapt_and_predict.get_concrete_function(),
         })
-        learner.model.save(os.path.join(tmp, "model.keras"))
+        plain_model(learner.model, batchnorm=learner.fmodel.batchnorm).save(os.path.join(tmp, "model.keras"))
         for filename, content in (files or {}).items():
             with open(os.path.join(tmp, filename), "wb") as f:
                 f.write(content)

@@ -17,7 +17,7 @@ Example:
     >>> meta.fit(train_sampler, epochs=10, steps_per_epoch=100,
     ...          validation_data=val_sampler, callbacks=[keras.callbacks.CSVLogger("log.csv")])
     >>> adapted = meta.adapt(support_x, support_y)      # a plain keras.Model
-    >>> adapted.predict(query_x)
+    >>> adapted.predict(query_x, batch_size=len(query_x))
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from tfmeta import estimators, evaluation, randomness
 from tfmeta.learner import MetaLearner
+from tfmeta.plain import plain_model
 
 FIELDS = ("support_x", "support_y", "query_x", "query_y")
 #: Marker in the in-graph assertion message of a non-finite meta-step.
@@ -288,21 +289,31 @@ class MetaModel(keras.Model):
             validation_data=validation_data, validation_steps=validation_steps, **kwargs,
         )
 
-    def evaluate(self, x=None, *, steps=None, **kwargs):
-        """Keras `evaluate` on task batches (a sampler needs `steps`, default 10)."""
+    def evaluate(self, x=None, *, steps=None, return_dict=True, **kwargs):
+        """Keras `evaluate` on task batches (a sampler needs `steps`, default 10).
+
+        Returns a dict (``return_dict=False``: Keras' list): the query ``loss`` and ``accuracy``
+        after adaptation and ``loss_before``/``accuracy_before`` at the initialization, averaged.
+        """
         if hasattr(x, "dataset"):
             steps = steps or 10
             x = task_dataset(x, steps=steps)
         elif isinstance(x, tf.data.Dataset):
             x = task_dataset(x)
-        return super().evaluate(x, steps=steps, **kwargs)
+        return super().evaluate(x, steps=steps, return_dict=return_dict, **kwargs)
 
     def adapt(self, support_x, support_y, steps: int | None = None) -> keras.Model:
-        """A plain Keras model (a clone of the base model) holding the weights adapted to one task.
+        """A plain Keras model (a copy of the base model) holding the weights adapted to one task.
+
+        It predicts as the learner does (:func:`tfmeta.plain.plain_model`): under the default
+        BatchNorm policy "batch" its BatchNorm layers normalise with the statistics of the batch
+        they are given, also in `predict`, so ``predict(query_x, batch_size=len(query_x))`` gives
+        the logits of the SavedModel's ``adapt_and_predict``. It saves to ``.keras`` and loads
+        with plain Keras.
 
         Example:
             >>> adapted = meta.adapt(support_x, support_y)
-            >>> logits = adapted(query_x, training=True)  # BatchNorm: batch statistics, as in training
+            >>> logits = adapted.predict(query_x, batch_size=len(query_x))
         """
         learner = self.learner
         sx = tf.convert_to_tensor(support_x, learner.dtype)
@@ -314,11 +325,7 @@ class MetaModel(keras.Model):
         if steps not in self._adapt_fns:  # one compiled adaptation per step count, not per call
             self._adapt_fns[steps] = _adapt_fn(learner, steps)
         params = self._adapt_fns[steps](sx, sy)
-        clone = keras.models.clone_model(self.base_model)
-        clone.set_weights(self.base_model.get_weights())
-        for variable, value in zip(clone.trainable_variables, params):
-            variable.assign(value)
-        return clone
+        return plain_model(self.base_model, params, batchnorm=learner.fmodel.batchnorm)
 
 
 def _tf_variable(variable):

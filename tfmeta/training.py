@@ -110,6 +110,26 @@ class _EveryStep(keras.callbacks.Callback):
             self.trainer.save()
         if self.time_budget is not None and time.monotonic() - self.began > self.time_budget:
             self.model.stop_training = True
+            self.trainer.stopped_by_time_budget = True
+
+
+class _Progress(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, except that a run stopped early ends its bar where it stopped
+    (Keras' own bar jumps to the epoch's end)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.total_epochs = epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total_epochs  # "Epoch 18/20" also when one `fit` runs epochs 18..18
+
+    def _finalize_progbar(self, logs):
+        if self.model is not None and self.model.stop_training and self.progbar is not None:
+            self.progbar.update(self.seen, list((logs or {}).items()), finalize=True)
+            return
+        super()._finalize_progbar(logs)
 
 
 class MetaTrainer:
@@ -155,6 +175,9 @@ class MetaTrainer:
         self.meta_optimizer = self.meta_model.optimizer
         self.step = self.meta_model.meta_step
         self.checkpoint_every = checkpoint_every
+        #: True after a `fit` that `time_budget` stopped before `iterations`.
+        self.stopped_by_time_budget = False
+        self.start_step = 0
         self.manager = None
         self.checkpoint_dir = checkpoint_dir
         #: a note on how restore() chose its checkpoint when that was not the usual way (or None).
@@ -296,29 +319,49 @@ class MetaTrainer:
         """Meta-train until `iterations` meta-steps are done (or `time_budget` seconds pass).
 
         Resumes from the latest checkpoint (or `checkpoint`, see `restore`): the task stream
-        continues at the saved step. Logs
-        are Keras' running means over the current epoch. Returns one log dict per meta-step.
+        continues at the saved step. Epochs
+        (validation, epoch logs) end at multiples of `steps_per_epoch` counted from step 0, so a
+        resumed run first finishes the epoch it was stopped in. Logs are Keras' running means over
+        the current epoch. Returns one log dict per meta-step; `stopped_by_time_budget` says
+        whether `time_budget` ended it early.
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations={iterations!r} is not valid: expected an integer >= 1.")
         start = self.restore(checkpoint)
         self.meta_model.consecutive_skips.assign(0)  # max_skips counts within one fit
-        remaining = iterations - start
+        #: the meta-step this `fit` started from (> 0 when it resumed a run).
+        self.start_step = start
+        self.stopped_by_time_budget = False
         history: list[dict] = []
-        if remaining <= 0:
+        if iterations - start <= 0:
             return history
-        per_epoch = min(steps_per_epoch or remaining, remaining)
-        epochs = -(-remaining // per_epoch)
+        per_epoch = steps_per_epoch or iterations
         every = _EveryStep(self, history, on_step, time_budget)
-        sampler_or_data = sampler
-        if epochs * per_epoch > remaining:  # the last epoch would run past `iterations`
-            sampler_or_data = sampler.dataset(start=start).take(remaining)
+        callbacks = [every] + list(callbacks or [])
+        if progress:
+            callbacks.append(_Progress(-(-iterations // per_epoch)))
+        step = start
+        self.meta_model.stop_training = False
         try:
-            self.meta_model.fit(
-                sampler_or_data, epochs=epochs, steps_per_epoch=per_epoch, initial_step=start,
-                validation_data=validation_data, validation_steps=validation_steps,
-                verbose=1 if progress else 0, callbacks=[every] + list(callbacks or []),
-            )
+            # One Keras `fit` per run of equally long epochs: the epoch holding `start` (partial
+            # when resuming), the full epochs, and a shorter last epoch if `iterations` is not a
+            # multiple of `per_epoch`. Each takes exactly the steps it needs from the endless
+            # task stream, so Keras never runs out of data.
+            while step < iterations and not (self.stopped_by_time_budget or self.meta_model.stop_training):
+                epoch = step // per_epoch
+                if step % per_epoch or iterations < (epoch + 1) * per_epoch:
+                    length, last = min((epoch + 1) * per_epoch, iterations) - step, epoch + 1
+                else:
+                    last = iterations // per_epoch
+                    length = per_epoch
+                self.meta_model.fit(
+                    sampler, epochs=last, initial_epoch=epoch, steps_per_epoch=length, initial_step=step,
+                    validation_data=validation_data, validation_steps=validation_steps,
+                    verbose=1 if progress else 0, callbacks=callbacks,
+                )
+                if int(self.step.numpy()) == step:  # nothing ran (e.g. a callback stopped it at once)
+                    break
+                step = int(self.step.numpy())
         except tf.errors.InvalidArgumentError as err:
             if NONFINITE_MARKER in str(err):
                 raise self._non_finite(err) from None

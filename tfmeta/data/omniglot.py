@@ -8,7 +8,8 @@ Sources, in order of preference:
   (105x105 black-and-white PNGs). If both the full set and small1 are there, the full
   set is used.
 * ``data_dir=None``: ``tensorflow_datasets.load("omniglot")`` (needs internet the first
-  time); it provides the full set.
+  time); it provides the full set. Offline, without tfds' prepared copy, it fails within
+  seconds with a message naming ``--data-dir`` and the archives it accepts.
 
 Splits are by ALPHABET, so meta-train, meta-val and meta-test never share a character
 (see ``SPLITS``):
@@ -288,18 +289,75 @@ def _write_cache(cache_file: str, archive: _Archive) -> None:
 
 
 # -- tensorflow_datasets -----------------------------------------------------------------------
+#: Where tensorflow-datasets downloads Omniglot from (its builder's URLs).
+_TFDS_URL = "https://github.com/brendenlake/omniglot/raw/master/python/images_background.zip"
+#: Seconds to wait for that host before declaring the machine offline.
+_PROBE_SECONDS = 5.0
+_WAY_OUT = ("Pass --data-dir (data_dir=...) with a folder holding Omniglot's original archives "
+            "images_background.zip and images_evaluation.zip, or images_background_small1.zip "
+            "(or their extracted folders).")
+
+
+def _probe(url: str, seconds: float):
+    """None if `url`'s server answers within `seconds` (HTTP errors count as answers), else why not.
+
+    Runs in a daemon thread so a hanging DNS lookup cannot hold the caller past `seconds`;
+    respects the usual proxy environment variables (urllib).
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=seconds).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001 - any failure to connect means offline
+            outcome.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else f"no answer within {seconds:g} s"
+
+
 def _load_tfds(image_size: int) -> dict:
-    """The full set from tensorflow_datasets as ``{archive name: _Archive}``."""
+    """The full set from tensorflow_datasets as ``{archive name: _Archive}``.
+
+    Fails fast, naming the way out: an import error of tensorflow_datasets is reported as one,
+    and without the prepared data and without network (probed for at most ``_PROBE_SECONDS``)
+    nothing is downloaded (tensorflow_datasets would retry for minutes).
+    """
     try:
         import tensorflow_datasets as tfds
-
+    except ImportError as err:
+        raise RuntimeError(
+            f"could not import tensorflow_datasets ({type(err).__name__}: {err}), which loads Omniglot "
+            "when no --data-dir is given. Reinstall tfmeta (python3 -m pip install -e \".[cpu]\") to get "
+            f"its dependencies. {_WAY_OUT}"
+        ) from err
+    try:
+        builder = tfds.builder("omniglot")
+        prepared = builder.is_prepared()
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(f"tensorflow_datasets could not set up Omniglot ({type(err).__name__}: {err}). "
+                           f"{_WAY_OUT}") from err
+    if not prepared:
+        offline = _probe(_TFDS_URL, _PROBE_SECONDS)
+        if offline is not None:
+            raise RuntimeError(
+                f"Omniglot is not in tensorflow_datasets' folder {builder.data_dir!r} and cannot be "
+                f"downloaded: no network ({offline}). {_WAY_OUT}"
+            )
+    try:
         splits, info = tfds.load("omniglot", split=["train", "test"], with_info=True)
     except Exception as err:  # noqa: BLE001 - any failure means "no data"; explain the way out
         raise RuntimeError(
-            f"could not get Omniglot from tensorflow_datasets ({type(err).__name__}: {err}); it "
-            "downloads the data and needs internet. Pass --data-dir (data_dir=...) with a folder "
-            "holding the original archives images_background.zip and images_evaluation.zip "
-            "(or images_background_small1.zip)."
+            f"could not get Omniglot from tensorflow_datasets ({type(err).__name__}: {err}). {_WAY_OUT}"
         ) from err
     alphabet_names = info.features["alphabet"].names
     return {
