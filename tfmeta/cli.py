@@ -414,6 +414,15 @@ def _check_new_run_dir(run_dir: str) -> None:
             "those files away.")
 
 
+def _given_flags(argv: list[str], command: str) -> set[str]:
+    """The destinations of the flags given explicitly on the command line."""
+    parser = _parser(with_search=False)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def _resume_changes(args, config) -> dict:
     """Flags given with --resume: refuse those that would redefine the run; return the allowed
     changes {field: (old, new)} (applied to `config` by the caller)."""
@@ -729,7 +738,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "train" and args.resume:
-            args._given = _given_train_flags(argv)
+            args._given = _given_flags(argv, "train")
         if args.command == "train" and args.preset and not args.resume:
             apply_preset(args, argv)
         if args.command != "export":
