@@ -301,6 +301,13 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
     if not args.no_export and chief:
         exported = export.export_adapter(learner, args.export_dir, f"{config.dataset}_{config.estimator}")
     steps = int(trainer.step.numpy())
+    effect = trainer.inner_loop_report
+    if effect is not None:
+        change = effect["median_change"]
+        print(f"inner loop at the initialization: {effect['inner_steps']} steps lower the support loss by "
+              f"{100 * effect['support_loss_drop']:.1f}%"
+              + (f" and move the kernels by {100 * change:.0f}% of their norm (median)" if change is not None else "")
+              + (" - too little, see the warning above" if effect["stalled"] else ""))
     print(f"meta-trained {steps} steps in {seconds:.1f}s; run directory {run_dir}"
           + (f"; exported {exported}" if exported else ""))
     print(_summary_line(result, learner.task, "MSE" if config.dataset == "sinusoid" else "loss"))
@@ -308,7 +315,8 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
             "replicas": strategy.num_replicas_in_sync,
             "meta_parameters_checksum": float(sum(float(tf.reduce_sum(tf.cast(v, tf.float64)))
                                                   for v in learner.meta_variables)),
-            "final_train_loss": history[-1]["loss"] if history else None, **result}
+            "final_train_loss": history[-1]["loss"] if history else None,
+            "inner_loop": effect, **result}
 
 
 def cmd_evaluate(args) -> dict:

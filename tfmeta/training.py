@@ -137,6 +137,11 @@ class MetaTrainer:
             raise
         return {k: float(v) for k, v in logs.items()}
 
+    @property
+    def inner_loop_report(self) -> dict | None:
+        """The inner loop's effect at the initialization, measured when a fresh run starts."""
+        return self.meta_model.inner_loop_report
+
     def restore(self) -> int:
         """Restore the latest checkpoint if there is one; returns the meta-step reached."""
         if self.manager is not None and self.manager.latest_checkpoint:
@@ -158,11 +163,15 @@ class MetaTrainer:
         validation_data=None,
         validation_steps: int | None = None,
         steps_per_epoch: int | None = None,
+        check_inner_loop: bool = True,
     ) -> list[dict]:
         """Meta-train until `iterations` meta-steps are done (or `time_budget` seconds pass).
 
         Resumes from the latest checkpoint: the task stream continues at the saved step. Logs
         are Keras' running means over the current epoch. Returns one log dict per meta-step.
+        A fresh run first measures the inner loop's effect at the initialization (see
+        `MetaModel.fit`; the result is `inner_loop_report`, with an `InnerLoopWarning` when the
+        inner loop barely moves the model).
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations={iterations!r} is not valid: expected an integer >= 1.")
@@ -182,6 +191,7 @@ class MetaTrainer:
                 sampler_or_data, epochs=epochs, steps_per_epoch=per_epoch, initial_step=start,
                 validation_data=validation_data, validation_steps=validation_steps,
                 verbose=1 if progress else 0, callbacks=[every] + list(callbacks or []),
+                check_inner_loop=check_inner_loop,
             )
         except tf.errors.InvalidArgumentError as err:
             if NONFINITE_MARKER in str(err):
