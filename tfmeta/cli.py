@@ -304,7 +304,8 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
     effect = trainer.inner_loop_report
     if effect is not None:
         change = effect["median_change"]
-        print(f"inner loop at the initialization: {effect['inner_steps']} steps lower the support loss by "
+        n = effect["inner_steps"]
+        print(f"inner loop at the initialization: {n} step{'' if n == 1 else 's'} lower the support loss by "
               f"{100 * effect['support_loss_drop']:.1f}%"
               + (f" and move the kernels by {100 * change:.0f}% of their norm (median)" if change is not None else "")
               + (" - too little, see the warning above" if effect["stalled"] else ""))
