@@ -362,13 +362,16 @@ def test_implicit_gradient_matches_finite_differences_with_shared_weights(float6
 
 
 def test_shared_weights_get_more_than_the_direct_query_gradient(float64):
-    """The implicit term of the body (its effect on phi through L_train) is present."""
+    """The implicit term of the body (its effect on phi through L_train) is present, and equals
+    the dense solve: d/db = dL_test/db - J^T (H + lam I)^-1 v with J = d(grad_phi L_train)/db,
+    and the head's initialization gets lam (H + lam I)^-1 v (explicit Hessian, numpy)."""
     keras.utils.set_random_seed(13)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
                               keras.layers.Dense(2)])
     learner = MetaLearner(model, inner_lr=0.1, inner_steps=3, adapt="head")
     tasks = classification_tasks(1, 2, 3, 3, (3,), seed=13)
-    est = Implicit(lam=1.0, cg_steps=10, inner_solver="hessian-free", newton_cg_steps=12)
+    lam = 1.0
+    est = Implicit(lam=lam, cg_steps=10, inner_solver="hessian-free", newton_cg_steps=12)
     grads = est.meta_gradient(learner, tasks).grads
     meta = learner.unflatten(learner.meta_values())
     task = estimators.Task(*(t[0] for t in tasks))
@@ -380,6 +383,25 @@ def test_shared_weights_get_more_than_the_direct_query_gradient(float64):
     direct = tape.gradient(loss, body)
     gap = max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(grads[:2], direct))
     assert gap > 1e-4
+
+    flat = lambda ts: tf.concat([tf.reshape(t, [-1]) for t in ts], 0)  # noqa: E731
+    head = list(phi[2:])
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch(body + head)
+        with tf.GradientTape() as inner:
+            inner.watch(head)
+            support = learner.inner_loss(body + head, meta, task.support_x, task.support_y)
+        g = flat(inner.gradient(support, head))
+    h = np.concatenate([np.reshape(j, [len(g), -1]) for j in outer.jacobian(g, head)], 1)
+    jac = np.concatenate([np.reshape(j, [len(g), -1]) for j in outer.jacobian(g, body)], 1)
+    with tf.GradientTape() as tape:
+        tape.watch(head)
+        loss, _ = learner.outer_loss(body + head, meta, task.query_x, task.query_y)
+    v = flat(tape.gradient(loss, head)).numpy()
+    w = np.linalg.solve(h + lam * np.eye(len(v)), v)
+    want_body = flat(direct).numpy() - jac.T @ w
+    np.testing.assert_allclose(flat(grads[:2]).numpy(), want_body, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(flat(grads[2:]).numpy(), lam * w, rtol=1e-8, atol=1e-12)
 
 
 # -- bad input, registration, memory -----------------------------------------------------------------
@@ -471,8 +493,90 @@ def test_sinusoid_meta_loss_drops():
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(40, activation="relu"),
                               keras.layers.Dense(40, activation="relu"), keras.layers.Dense(1)])
     learner = MetaLearner(model, task="regression", inner_lr=0.01, inner_steps=5)
-    trainer = MetaTrainer(learner, Implicit(lam=10.0, cg_steps=3), keras.optimizers.Adam(3e-3))
     sampler = SinusoidTasks(shots=10, query=10, meta_batch=5, seed=15)
+    # lambda = 10 is not "I + H/lambda close to I" here: the CG correction changes the first
+    # meta-gradient by most of its norm (the exactness of that correction is checked by the
+    # direct-solve tests: Appendix F.1, BatchNorm, weight decay, shared weights).
+    first = [Implicit(lam=10.0, cg_steps=k).meta_gradient(learner, sampler.sample(0)).grads for k in (3, 0)]
+    flat = [np.concatenate([g.numpy().ravel() for g in gs]) for gs in first]
+    assert np.linalg.norm(flat[0] - flat[1]) > 0.3 * np.linalg.norm(flat[1])
+    trainer = MetaTrainer(learner, Implicit(lam=10.0, cg_steps=3), keras.optimizers.Adam(3e-3))
     losses = [trainer.train_step(sampler.sample(i))["loss"] for i in range(200)]
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
     assert last < 0.75 * first, (first, last)
+
+
+# -- against a direct solve: weight decay in the gd solver, BatchNorm --------------------------------
+def _direct_meta_gradient(learner, est, task, lam, decay=0.0, eps=1e-5):
+    """lam (H + (lam + decay) I)^-1 v with H from central differences of the support-loss
+    gradient (exact first derivatives only, so BatchNorm's second-order terms are not assumed) and
+    numpy's dense solve; all weights adapt. Also returns ||grad G_decay|| at the solver's phi."""
+    meta = learner.unflatten(learner.meta_values())
+    phi = tf.function(lambda: est.adapted_params(learner, meta, task))()
+    shapes = [p.shape for p in phi]
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    def unflat(flat):
+        return [tf.reshape(p, s) for p, s in zip(tf.split(flat, sizes), shapes)]
+
+    def flat_grad(loss_fn, flat):
+        params = unflat(flat)
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = loss_fn(params)
+        return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, params)], 0)
+
+    train = tf.function(lambda f: flat_grad(
+        lambda p: learner.inner_loss(p, meta, task.support_x, task.support_y), f))
+    test = tf.function(lambda f: flat_grad(
+        lambda p: learner.outer_loss(p, meta, task.query_x, task.query_y)[0], f))
+    x = tf.concat([tf.reshape(p, [-1]) for p in phi], 0)
+    theta = tf.concat([tf.reshape(p, [-1]) for p in meta.init], 0).numpy()
+    eye = np.eye(len(theta))
+    h = np.stack([(train(x + eps * e) - train(x - eps * e)).numpy() / (2 * eps) for e in tf.constant(eye)])
+    h = (h + h.T) / 2
+    residual = train(x).numpy() + lam * (x.numpy() - theta) + decay * x.numpy()
+    v = test(x).numpy()
+    return lam * np.linalg.solve(h + (lam + decay) * eye, v), np.linalg.norm(residual), h, v
+
+
+def _flat(grads):
+    return np.concatenate([g.numpy().ravel() for g in grads])
+
+
+def test_gd_solver_with_weight_decay_is_differentiated_at_the_decayed_fixed_point(float64):
+    """Momentum with weight decay omega converges to grad G + omega phi = 0, so the implicit
+    system is lam (H + (lam + omega) I)^-1 v, not lam (H + lam I)^-1 v."""
+    from tfmeta import inner_optimizers
+
+    lam, omega = 2.0, 0.5
+    optimizer = inner_optimizers.momentum(0.1, momentum=0.9, weight_decay=omega)
+    learner = MetaLearner(small_dense(), inner_optimizer=optimizer, inner_steps=600)
+    tasks = classification_tasks(1, 3, 2, 3, (4,), seed=21)
+    task = estimators.Task(*(t[0] for t in tasks))
+    est = Implicit(lam=lam, cg_steps=60, inner_solver="gd")
+    direct, residual, h, v = _direct_meta_gradient(learner, est, task, lam, omega)
+    assert residual < 1e-9  # the solver reached the decayed fixed point
+    result = tf.function(lambda *t: est.meta_gradient(learner, t))(*tasks)
+    got = _flat(result.grads)
+    assert float(result.metrics["inner_grad_norm"]) < 1e-9
+    assert np.linalg.norm(got - direct) / np.linalg.norm(direct) < 1e-7
+    # the undecayed system gives a visibly different answer: the check can fail
+    undecayed = lam * np.linalg.solve(h + lam * np.eye(len(v)), v)
+    assert np.linalg.norm(undecayed - direct) / np.linalg.norm(direct) > 1e-2
+
+
+@pytest.mark.parametrize("solver", ["gd", "hessian-free"])
+def test_batchnorm_meta_gradient_matches_a_direct_solve(float64, solver):
+    """A float64 Conv + BatchNorm net (batch statistics, all weights adapt): the implicit
+    meta-gradient equals lam (H + lam I)^-1 v with H from finite differences of exact first
+    derivatives, so BatchNorm's second-order terms are checked, not assumed."""
+    lam = 2.0
+    learner = MetaLearner(smooth_conv_bn(size=4, seed=22), inner_lr=0.1, inner_steps=300)
+    tasks = classification_tasks(1, 3, 2, 3, (4, 4, 1), seed=22)
+    task = estimators.Task(*(t[0] for t in tasks))
+    est = Implicit(lam=lam, cg_steps=80, inner_solver=solver, newton_steps=8, newton_cg_steps=80)
+    direct, residual, _, _ = _direct_meta_gradient(learner, est, task, lam)
+    assert residual < 1e-8
+    got = _flat(tf.function(lambda *t: est.meta_gradient(learner, t))(*tasks).grads)
+    assert np.linalg.norm(got - direct) / np.linalg.norm(direct) < 1e-6

@@ -40,10 +40,11 @@ def _flat(tensors):
     return np.concatenate([np.ravel(np.asarray(t)) for t in tensors])
 
 
-def _reference(learner, task, window=1):
-    """Eq. 3, 4, 7-9 from an explicitly stored trajectory (Python loop, NumPy norms)."""
-    meta = learner.unflatten(learner.meta_values())
-    sx, sy, qx, _ = task
+def _reference(learner, task, window=1, values=None, with_query=False):
+    """Eq. 3, 4, 7-9 from an explicitly stored trajectory (Python loop, NumPy norms), at the
+    meta-parameters `values` (default the learner's); `with_query` adds the query loss."""
+    meta = learner.unflatten(learner.meta_values() if values is None else values)
+    sx, sy, qx, qy = task
 
     def grad(theta):
         with tf.GradientTape() as tape:
@@ -58,7 +59,7 @@ def _reference(learner, task, window=1):
         if k % window == 0:
             g = grad(theta)
         used.append(g)
-        theta, state = inner_optimizers.step(opt, theta, g, state)
+        theta, state = inner_optimizers.step(opt, theta, g, state, list(meta.lr) or None)
         trajectory.append(theta)
     points = [_flat(t) for t in trajectory]
     path = sum(np.linalg.norm(b - a) for a, b in zip(points, points[1:]))
@@ -73,12 +74,16 @@ def _reference(learner, task, window=1):
         phase = np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1))
     else:
         phase = np.mean(np.sum((out_s - out_hat) ** 2, -1))
-    return {
+    result = {
         "phase_consistency": path / np.linalg.norm(points[-1] - points[0]),
         "amplitude_consistency": np.mean(norms[1:]) / norms[0],
         "phase_loss": phase,
         "amplitude_loss": path,
     }
+    if with_query:
+        result["query_loss"] = float(learner.outer_loss(learner.fmodel.merge(meta.init, theta), meta,
+                                                        qx, qy)[0])
+    return result
 
 
 def _one(tasks, i=0):
@@ -148,6 +153,10 @@ def test_pc_at_least_one_and_ac_positive(float64, seed, lr, steps, optimizer):
     assert float(metrics["amplitude_consistency"]) > 0
     assert float(metrics["phase_loss"]) >= -1e-15
     assert float(metrics["amplitude_loss"]) > 0
+    # not only the bounds: the values of Eq. 3-4 from the stored trajectory
+    expected = _reference(learner, task)
+    for key in ("phase_consistency", "amplitude_consistency"):
+        np.testing.assert_allclose(float(metrics[key]), expected[key], rtol=1e-8, err_msg=key)
 
 
 @pytest.mark.parametrize("optimizer", [inner_optimizers.sgd(0.5),
@@ -224,6 +233,43 @@ def test_linearity_meta_gradient_matches_finite_differences(float64, case):
     error, analytic = _objective_fd(learner, tasks, est)
     assert abs(analytic) > 1e-6
     assert error < 1e-6, error
+
+
+@pytest.mark.parametrize("case", ["dense", "meta_sgd_regularizers_only"])
+def test_linearity_meta_gradient_is_the_derivative_of_the_papers_objective(float64, case):
+    """The finite-difference test above differentiates the estimator's own objective; here the
+    finite differences are of an independent implementation of Eq. 7-9 (stored trajectory,
+    NumPy norms: `_reference`), per group of meta-parameters (initialization, Meta-SGD rates)."""
+    meta_sgd = case != "dense"
+    learner = MetaLearner(small_dense(), inner_lr=0.5, inner_steps=3, meta_sgd=meta_sgd,
+                          outer_loss=_zero_outer_loss if meta_sgd else None)
+    tasks = classification_tasks(2, 3, 2, 3, (4,))
+    wp, wa = 0.7, 0.3
+    est = Linearity(base="maml", phase_weight=wp, amplitude_weight=wa)
+    result = est.meta_gradient(learner, tasks)
+    values = learner.meta_values()
+
+    def objective(point):
+        total = 0.0
+        for i in range(2):
+            r = _reference(learner, _one(tasks, i), values=point, with_query=True)
+            total += (r["query_loss"] + wp * r["phase_loss"] + wa * r["amplitude_loss"]) / 2
+        return total
+
+    rng = np.random.default_rng(5)
+    sizes = learner._sizes
+    groups = {"init": range(sizes[0]), "lr": range(sizes[0], sizes[0] + sizes[1])}
+    for name, members in groups.items():
+        if not members:
+            continue
+        direction = [tf.constant(rng.normal(size=v.shape) if k in members else np.zeros(v.shape), v.dtype)
+                     for k, v in enumerate(values)]
+        eps = 1e-5
+        numeric = (objective([v + eps * d for v, d in zip(values, direction)])
+                   - objective([v - eps * d for v, d in zip(values, direction)])) / (2 * eps)
+        analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(result.grads, direction))
+        assert abs(analytic) > 1e-6, name
+        assert abs(numeric - analytic) < 1e-6 * abs(analytic), (name, numeric, analytic)
 
 
 def test_regularizer_gradients_reach_every_meta_parameter(float64):

@@ -62,6 +62,37 @@ def _weigher(seed=3):
     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="softplus")])
 
 
+def _reference(learner, tasks, window, eta, mu=0.0, omega=0.0):
+    """Eq. 11-12 written out, independently of tfmeta's inner loop: eagerly, a Python loop over
+    the T steps, the task gradient evaluated at steps 0, n, 2n, ... and reused in between, Eq. 5's
+    momentum step by hand (mu = omega = 0: SGD), one tape around everything. All weights adapt.
+    Returns (mean query loss, meta-gradient, mean over tasks of the gradient-difference metric)."""
+    values = learner.meta_values()
+    count = int(tasks[0].shape[0])
+    differences = []
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        meta = learner.unflatten(values)
+        total = 0.0
+        for i in range(count):
+            sx, sy, qx, qy = (t[i] for t in tasks)
+            phi, velocity, evaluated = list(meta.init), [tf.zeros_like(p) for p in meta.init], []
+            for step in range(learner.inner_steps):
+                if step % window == 0:
+                    with tf.GradientTape() as inner:
+                        inner.watch(phi)
+                        support = learner.inner_loss(phi, meta, sx, sy)
+                    grads = inner.gradient(support, phi)
+                    evaluated.append(grads)
+                velocity = [mu * v + g + omega * p for v, g, p in zip(velocity, grads, phi)]
+                phi = [p - eta * v for p, v in zip(phi, velocity)]
+            total += learner.outer_loss(phi, meta, qx, qy)[0] / count
+            flat = [np.concatenate([g.numpy().ravel() for g in gs]) for gs in evaluated]
+            ratios = [np.linalg.norm(b - a) / np.linalg.norm(b) for a, b in zip(flat, flat[1:])]
+            differences.append(np.mean(ratios) if ratios else 0.0)
+    return float(total), tape.gradient(total, values), float(np.mean(differences))
+
+
 # -- (a) SGD: Eq. 14-15 ------------------------------------------------------------------------
 @pytest.mark.parametrize("window,windows,meta_network", [(2, 2, False), (3, 2, True), (4, 1, False)])
 def test_sgd_reuse_equals_maml_with_rescaled_rate(float64, window, windows, meta_network):
@@ -105,9 +136,17 @@ def test_momentum_reuse_differs_from_maml_with_rescaled_rate(float64):
     moved = max(float(tf.reduce_max(tf.abs(p - t))) for p, t in zip(phi_maml, model.trainable_variables))
     differ = max(float(tf.reduce_max(tf.abs(p - q))) for p, q in zip(phi_reuse, phi_maml))
     assert differ > 1e-2 * moved, (differ, moved)
-    gap = _max_rel_gap(_meta_gradient(reuse_learner, tasks, reuse).grads,
-                       _meta_gradient(maml_learner, tasks, maml).grads)
+    got = _meta_gradient(reuse_learner, tasks, reuse)
+    gap = _max_rel_gap(got.grads, _meta_gradient(maml_learner, tasks, maml).grads)
     assert gap > 1e-2, gap
+    # ... and it is the windowed dynamics of Eq. 11-12, not the T-step trajectory with a fresh
+    # gradient every step (the window ignored) nor a different window
+    loss, reference, _ = _reference(reuse_learner, tasks, window, eta, mu, omega)
+    np.testing.assert_allclose(float(got.loss), loss, rtol=1e-12)
+    assert _max_rel_gap(got.grads, reference) < 1e-10
+    for other in (1,):  # the window ignored
+        _, wrong, _ = _reference(reuse_learner, tasks, other, eta, mu, omega)
+        assert _max_rel_gap(got.grads, wrong) > 1e-3, other
 
 
 def test_lemma1_recursion_gives_the_numbers_of_appendix_c():
@@ -221,6 +260,22 @@ def test_meta_gradient_matches_finite_differences(float64, model, optimizer, ste
     assert _max_rel_gap(result.grads, exact.grads) > 1e-4
 
 
+@pytest.mark.parametrize("model,steps,window", [("conv_bn", 4, 3), ("dense", 5, 2)])
+def test_meta_gradient_equals_the_written_out_dynamics(float64, model, steps, window):
+    """The finite-difference checks above differentiate the estimator's own loss; this compares
+    the estimator with an independent implementation of Eq. 11-12 (a shorter last window too)."""
+    net, shape = (smooth_conv_bn(), (6, 6, 1)) if model == "conv_bn" else (small_dense(), (4,))
+    eta, mu, omega = 0.2, 0.9, 0.01
+    learner = MetaLearner(net, inner_optimizer=inner_optimizers.momentum(eta, mu, omega),
+                          inner_steps=steps)
+    tasks = classification_tasks(2, 3, 2, 3, shape)
+    got = _meta_gradient(learner, tasks, Reuse(reuse_window=window))
+    loss, reference, difference = _reference(learner, tasks, window, eta, mu, omega)
+    np.testing.assert_allclose(float(got.loss), loss, rtol=1e-12)
+    assert _max_rel_gap(got.grads, reference) < 1e-10
+    np.testing.assert_allclose(float(got.metrics["grad_difference"]), difference, rtol=1e-9)
+
+
 def test_meta_network_and_meta_sgd_gradients_match_finite_differences(float64):
     """Meta-network weights inside the inner loss (Sec. 2.2) get the gradient of the estimate."""
     weigher = _weigher()
@@ -297,6 +352,10 @@ def test_gradient_difference_is_finite_and_positive_on_a_network(float64):
     assert est.metric_names(learner) == ("accuracy", "grad_difference")
     value = float(_meta_gradient(learner, tasks, est).metrics["grad_difference"])
     assert np.isfinite(value) and 0 < value < 2
+    # the value itself: mean over tasks of mean_k ||g_{k+1} - g_k|| / ||g_{k+1}|| over the
+    # evaluated gradients (Fig. 1), from the written-out trajectory
+    _, _, reference = _reference(learner, tasks, 2, 0.3)
+    np.testing.assert_allclose(value, reference, rtol=1e-9)
 
 
 def test_linearity_metrics_ride_along_without_changing_the_meta_gradient(float64):

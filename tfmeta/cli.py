@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -19,6 +20,8 @@ from tfmeta import runtime
 from tfmeta.rundir import RunDirectoryInUse, RunLock
 
 _RUNS = "runs"
+#: RunConfig fields that `train --resume` may change (everything else defines the run).
+RESUMABLE = ("iterations", "data_dir")
 
 
 def _positive_int(text: str) -> int:
@@ -35,14 +38,52 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
 def _threads(text: str):
-    return text if text == "auto" else int(text)
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {text!r}")
+    return value
 
 
 def _add_runtime_flags(p, distribute=True):
@@ -99,6 +140,10 @@ def _add_train_flags(p):
     p.add_argument("--inner-lr", type=_positive_float, default=None, help="inner learning rate (default 0.4; 0.01 for sinusoid)")
     p.add_argument("--inner-optimizer", default=None, choices=sorted(INNER_OPTIMIZERS),
                    help="default sgd (momentum for synthetic2d)")
+    p.add_argument("--inner-momentum", type=_unit_float, default=None,
+                   help="momentum mu of --inner-optimizer momentum (Kim et al. 2020, Eq. 5; default 0.9)")
+    p.add_argument("--inner-weight-decay", type=_nonnegative_float, default=None,
+                   help="weight decay omega of --inner-optimizer momentum (Kim et al. 2020, Eq. 5; default 0)")
     p.add_argument("--adapt", default="all", choices=["all", "head", "body"],
                    help="weights adapted in the inner loop: all (MAML), head (ANIL), body (BOIL)")
     p.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="meta learning rate")
@@ -110,15 +155,56 @@ def _add_train_flags(p):
     _add_estimator_flags(p)
 
 
+def _add_preset_flag(p):
+    from tfmeta.presets import PRESETS
+
+    p.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
+                   help="a paper's settings (flags given explicitly override them; see "
+                        "docs/presets.md): " + ", ".join(PRESETS))
+
+
+def _given_train_flags(argv) -> set[str]:
+    """Destinations of the `train` flags typed on the command line (abbreviations included)."""
+    parser = _parser(with_search=False)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def apply_preset(args, argv) -> None:
+    """Give `args` the values of its `--preset`, except for the flags typed in `argv`."""
+    from tfmeta import presets
+
+    presets.apply(args.preset, args, _given_train_flags(argv))
+    preset = presets.get(args.preset)
+    print(f"preset {args.preset}: {preset.citation}, {preset.where}", file=sys.stderr)
+
+
+def run_config(args):
+    """The resolved RunConfig of parsed `tfmeta train` arguments (a new run)."""
+    from tfmeta.config import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                     estimator_options=estimator_options(args)).resolved()
+
+
 def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfmeta", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="meta-train a model (default: sinusoid MAML, about a minute)")
     _add_train_flags(train)
+    _add_preset_flag(train)
     train.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<estimator>-<time>)")
-    train.add_argument("--resume", default=None, metavar="RUNDIR", help="continue the run in RUNDIR")
-    train.add_argument("--time-budget", type=float, default=100.0, help="stop after this many seconds (0: no limit)")
+    train.add_argument("--resume", default=None, metavar="RUNDIR",
+                       help="continue the run in RUNDIR (may change: " + ", ".join(
+                           "--" + f.replace("_", "-") for f in RESUMABLE) + " and the flags of this "
+                       "session; not the run's definition)")
+    train.add_argument("--checkpoint", default=None, metavar="CKPT",
+                       help="with --resume: continue from this checkpoint (e.g. ckpt-20) instead of the latest")
+    train.add_argument("--time-budget", type=_seconds, default=100.0, help="stop after this many seconds (0: no limit)")
     train.add_argument("--checkpoint-every", type=_positive_int, default=500)
     train.add_argument("--episodes", type=_positive_int, default=600, help="held-out episodes for the final evaluation")
     train.add_argument("--export-dir", default="saved_models", help="where the learned initialization is exported")
@@ -127,7 +213,10 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     train.add_argument("--clip-norm", type=_positive_float, default=None,
                        help="clip the meta-gradient to this global norm")
     train.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
-                       help="a NaN/Inf meta-loss or meta-gradient stops the run, or skips that step")
+                       help="a NaN/Inf meta-loss, meta-gradient or update stops the run, or skips that step")
+    train.add_argument("--max-skips", type=int, default=None, metavar="N",
+                       help="with --on-nonfinite skip: stop (exit 3) after more than N meta-steps in a row "
+                            "were skipped (default %d)" % _default_max_skips())
     train.add_argument("--deterministic", action="store_true",
                        help="tf.config.experimental.enable_op_determinism (bitwise-repeatable runs)")
     train.add_argument("--steps-per-epoch", type=_positive_int, default=1000,
@@ -143,6 +232,8 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--episodes", type=_positive_int, default=600)
     evaluate.add_argument("--inner-steps", type=_positive_int, default=None, help="adaptation steps (default: the run's)")
+    evaluate.add_argument("--checkpoint", default=None, metavar="CKPT",
+                          help="evaluate this checkpoint (e.g. ckpt-20) instead of the latest")
     _add_runtime_flags(evaluate, distribute=False)
 
     export = sub.add_parser("export", help="export a run's learned initialization in TF Serving's layout")
@@ -151,6 +242,8 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     export.add_argument("--name", default=None, help="model name (default <dataset>_<estimator>)")
     export.add_argument("--adapt-on", default=None, metavar="SUPPORT.npz",
                         help="export the model adapted to one task: an .npz with support_x and support_y")
+    export.add_argument("--checkpoint", default=None, metavar="CKPT",
+                        help="export this checkpoint (e.g. ckpt-20) instead of the latest")
 
     bench = sub.add_parser("bench", help="time one meta-step configuration (conv4 on random inputs)")
     from tfmeta.bench import ESTIMATORS
@@ -196,7 +289,7 @@ def _newest_run() -> str:
     return max(runs, key=os.path.getmtime)
 
 
-def _load_run(run_dir: str | None):
+def _load_run(run_dir: str | None, checkpoint: str | None = None):
     from tfmeta.config import RunConfig, build_estimator, build_learner, build_meta_optimizer
     from tfmeta.training import MetaTrainer
 
@@ -208,9 +301,126 @@ def _load_run(run_dir: str | None):
     learner = build_learner(config)
     trainer = MetaTrainer(learner, build_estimator(config), build_meta_optimizer(config),
                           checkpoint_dir=os.path.join(run_dir, "checkpoints"))
-    if trainer.restore() == 0:
+    if trainer.restore(checkpoint) == 0:
         raise ValueError(f"--run={run_dir!r} has no checkpoint yet.")
+    if trainer.restore_note:
+        print(f"note: {trainer.restore_note}", file=sys.stderr)
     return run_dir, config, learner, trainer.estimator
+
+
+#: Files and directories a tfmeta run writes into its directory.
+_RUN_FILES = ("config.json", "config.json.tmp", "checkpoints", "metrics.csv", "logs", ".lock", "checkpoint")
+
+
+def _default_max_skips() -> int:
+    from tfmeta.keras_model import DEFAULT_MAX_SKIPS
+
+    return DEFAULT_MAX_SKIPS
+
+
+def _check_directory_path(flag: str, path: str) -> None:
+    """`path` must be a directory or creatable as one: not a file, nor under a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag}={path!r} is a file, not a directory.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"{flag}={path!r} cannot be created: {parent!r} is a file, not a directory.")
+
+
+def _describe(run_dir: str, names: list[str]) -> str:
+    from tfmeta.training import checkpoint_numbers
+
+    parts = []
+    for name in names:
+        path = os.path.join(run_dir, name)
+        if name == "checkpoints" and os.path.isdir(path):
+            numbers = checkpoint_numbers(path)
+            parts.append("checkpoints/ (" + (", ".join(f"ckpt-{n}" for n in numbers) or
+                                             ", ".join(sorted(os.listdir(path))) or "empty") + ")")
+        else:
+            parts.append(name + ("/" if os.path.isdir(path) else ""))
+    return ", ".join(parts)
+
+
+def _check_new_run_dir(run_dir: str) -> None:
+    """A new run's directory: absent, empty, or without anything a run writes (nothing is deleted)."""
+    _check_directory_path("--out", run_dir)
+    if not os.path.isdir(run_dir):
+        return
+    entries = os.listdir(run_dir)
+    if "config.json" in entries:
+        raise ValueError(f"--out={run_dir!r} already holds a run: pass --resume {run_dir} to continue it.")
+    found = sorted(e for e in entries if e in _RUN_FILES or e.startswith("ckpt-"))
+    if found:
+        raise ValueError(
+            f"--out={run_dir!r} holds files of an incomplete tfmeta run ({_describe(run_dir, found)}) but no "
+            "config.json: refusing to train over them. Nothing was changed; choose another --out, or move "
+            "those files away.")
+
+
+def _given_flags(argv: list[str], command: str) -> set[str]:
+    """The destinations of the flags given explicitly on the command line."""
+    parser = _parser(with_search=False)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _resume_changes(args, config) -> dict:
+    """Flags given with --resume: refuse those that would redefine the run; return the allowed
+    changes {field: (old, new)} (applied to `config` by the caller)."""
+    from tfmeta import estimators
+
+    given = getattr(args, "_given", set())
+    conflicts, changes = [], {}
+    if "out" in given and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        conflicts.append(f"--out {args.out} (the run is in {args.resume})")
+    fields = {f.name for f in dataclasses.fields(type(config))} - {"estimator_options"}
+    for name in sorted(given & fields):
+        new, old = getattr(args, name), getattr(config, name)
+        if new == old:
+            continue
+        if name in RESUMABLE:
+            changes[name] = (old, new)
+        else:
+            conflicts.append(f"--{name.replace('_', '-')} {new} (the run has {old})")
+    option_names = {f.name: f.default for cls in map(estimators.get_class, estimators.names()) for f in cls.flags}
+    for name in sorted(given & set(option_names)):
+        new = getattr(args, name)
+        old = config.estimator_options.get(name, option_names[name])
+        if new != old:
+            conflicts.append(f"--{name.replace('_', '-')} {new} (the run has {old})")
+    if conflicts:
+        raise ValueError(
+            f"--resume {args.resume}: {'; '.join(conflicts)}: these flags define the run and cannot change "
+            "when it resumes. Drop them, or start a new run with --out. (May change on resume: "
+            + ", ".join("--" + f.replace("_", "-") for f in RESUMABLE) + " and the session's flags.)")
+    return changes
+
+
+def _check_memory(config) -> None:
+    from tfmeta.config import physical_memory_bytes, task_batch_bytes
+
+    need, have = task_batch_bytes(config), physical_memory_bytes()
+    if have and need > have:
+        raise ValueError(
+            f"--meta-batch {config.meta_batch} (with --ways {config.ways}, --shots {config.shots}, --query "
+            f"{config.query}) needs at least {need / 2**30:,.1f} GiB for one task batch, more than this "
+            f"machine's {have / 2**30:,.1f} GiB of memory: lower --meta-batch (or the examples per task).")
+
+
+def _json_safe(value):
+    """`value` with every non-finite float as None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _summary_line(result: dict, task: str, what: str = "MSE") -> str:
@@ -232,21 +442,30 @@ def cmd_train(args) -> dict:
 
     from tfmeta.config import RunConfig, build_sampler
 
+    changes = {}
     if args.resume:
         run_dir = args.resume
         path = os.path.join(run_dir, "config.json")
         if not os.path.isfile(path):
             raise ValueError(f"--resume={run_dir!r} is not a tfmeta run directory (no config.json).")
-        config = RunConfig.load(path).resolved()
+        config = RunConfig.load(path)
+        changes = _resume_changes(args, config)
+        config = dataclasses.replace(config, **{k: new for k, (_, new) in changes.items()}).resolved()
     else:
-        fields = {f.name for f in dataclasses.fields(RunConfig)}
-        config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields},
-                           estimator_options=estimator_options(args)).resolved()
+        if args.checkpoint is not None:
+            raise ValueError(f"--checkpoint={args.checkpoint!r} needs --resume RUNDIR (it picks the "
+                             "checkpoint a run continues from).")
+        config = run_config(args)
         run_dir = args.out or os.path.join(
             _RUNS, f"{config.dataset}-{config.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-        if os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise ValueError(f"--out={run_dir!r} already holds a run: pass --resume {run_dir} to continue it.")
+        _check_new_run_dir(run_dir)
+    if args.max_skips is not None and args.max_skips < 0:
+        raise ValueError(f"--max-skips={args.max_skips} is not valid: expected an integer >= 0.")
+    if not args.no_export:
+        _check_directory_path("--export-dir", args.export_dir)
+    _check_memory(config)
+    args._changes = changes
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = runtime.make_strategy(args.strategy)
@@ -269,7 +488,6 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
     from tfmeta.config import build_estimator, build_learner, build_meta_optimizer, build_sampler
     from tfmeta.training import MetaTrainer
 
-    config.save(os.path.join(run_dir, "config.json"))
     with strategy.scope():
         learner = build_learner(config)
         trainer = MetaTrainer(
@@ -280,7 +498,31 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
             checkpoint_every=args.checkpoint_every,
             clip_norm=args.clip_norm,
             on_nonfinite=args.on_nonfinite,
+            max_skips=_default_max_skips() if args.max_skips is None else args.max_skips,
         )
+    # Check what a resume starts from before writing anything: a failed resume changes no file.
+    start = trainer.restore(args.checkpoint)
+    if trainer.restore_note:
+        print(f"note: {trainer.restore_note}", file=sys.stderr)
+    if args.checkpoint is not None:
+        from tfmeta.training import checkpoint_numbers
+
+        newer = [n for n in checkpoint_numbers(trainer.checkpoint_dir, indexed=True)
+                 if n > start]
+        if newer:
+            raise ValueError(
+                f"--checkpoint {args.checkpoint}: {trainer.checkpoint_dir!r} holds newer checkpoints "
+                f"({', '.join(f'ckpt-{n}' for n in newer)}) that continuing from step {start} would "
+                "overwrite. Move them out of that directory first (evaluate and export can use "
+                "--checkpoint without this).")
+    if args.resume and config.iterations < start:
+        raise ValueError(f"--iterations {config.iterations} is below the {start} meta-steps the run in "
+                         f"{run_dir!r} already made.")
+    changes = getattr(args, "_changes", {})
+    for name, (old, new) in changes.items():
+        print(f"resuming {run_dir}: --{name.replace('_', '-')} {new} (was {old})")
+    if not args.resume or changes:
+        config.save(os.path.join(run_dir, "config.json"))
     callbacks = [keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True)]
     if args.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")))
@@ -294,6 +536,7 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
         steps_per_epoch=args.steps_per_epoch,
         validation_data=build_sampler(config, "val", seed=config.seed + 2),
         validation_steps=args.validation_batches,
+        checkpoint=args.checkpoint,
     )
     seconds = time.monotonic() - began
     result = evaluation.evaluate(learner, test_tasks, episodes=args.episodes, estimator=trainer.estimator)
@@ -313,6 +556,7 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
           + (f"; exported {exported}" if exported else ""))
     print(_summary_line(result, learner.task, "MSE" if config.dataset == "sinusoid" else "loss"))
     return {"run_dir": run_dir, "steps": steps, "train_seconds": seconds, "export": exported,
+            "resume_changes": {k: new for k, (_, new) in changes.items()},
             "replicas": strategy.num_replicas_in_sync,
             "meta_parameters_checksum": float(sum(float(tf.reduce_sum(tf.cast(v, tf.float64)))
                                                   for v in learner.meta_variables)),
@@ -324,7 +568,7 @@ def cmd_evaluate(args) -> dict:
     from tfmeta import evaluation
     from tfmeta.config import build_sampler
 
-    run_dir, config, learner, estimator = _load_run(args.run)
+    run_dir, config, learner, estimator = _load_run(args.run, args.checkpoint)
     sampler = build_sampler(config, args.split, seed=config.seed + 1)
     result = evaluation.evaluate(learner, sampler, episodes=args.episodes, steps=args.inner_steps,
                                  estimator=estimator)
@@ -335,7 +579,7 @@ def cmd_evaluate(args) -> dict:
 def cmd_export(args) -> dict:
     from tfmeta import export
 
-    run_dir, config, learner, _ = _load_run(args.run)
+    run_dir, config, learner, _ = _load_run(args.run, args.checkpoint)
     name = args.name or f"{config.dataset}_{config.estimator}"
     if args.adapt_on is None:
         path = export.export_adapter(learner, args.export_dir, name)
@@ -414,21 +658,26 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser(with_search=not argv or argv[0] in ("search", "-h", "--help"))
     args = parser.parse_args(argv)
-    if args.command != "export":
-        if getattr(args, "cpu_devices", 1) > 1:
-            runtime.split_cpu(args.cpu_devices)
-        task_loop = not (args.command == "bench" and args.estimator == "plain")
-        runtime.configure_threads(args.intra_op_threads, args.inter_op_threads, task_loop=task_loop)
     from tfmeta.training import NonFiniteMetaStepError
 
     try:
+        if args.command == "train" and args.resume:
+            args._given = _given_flags(argv, "train")
+        if args.command == "train" and args.preset and not args.resume:
+            apply_preset(args, argv)
+        if args.command != "export":
+            if getattr(args, "cpu_devices", 1) > 1:
+                runtime.split_cpu(args.cpu_devices)
+            task_loop = not (args.command == "bench" and args.estimator == "plain")
+            runtime.configure_threads(args.intra_op_threads, args.inter_op_threads, task_loop=task_loop)
         result = COMMANDS[args.command](args)
     except NonFiniteMetaStepError as err:
         print(f"tfmeta {args.command}: stopped: {err}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, RunDirectoryInUse) as err:
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FileExistsError, RuntimeError,
+            RunDirectoryInUse) as err:
         print(f"tfmeta {args.command}: error: {err}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
-        print(json.dumps(result))
+        print(json.dumps(_json_safe(result), allow_nan=False))
     return 0

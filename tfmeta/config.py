@@ -15,7 +15,7 @@ from tfmeta import _backend  # noqa: F401
 
 import keras
 
-from tfmeta import data, estimators, models
+from tfmeta import data, estimators, inner_optimizers, models
 from tfmeta.learner import MetaLearner
 
 META_OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
@@ -46,6 +46,10 @@ class RunConfig:
     inner_steps: int | None = None
     inner_lr: float | None = None
     inner_optimizer: str | None = None
+    #: mu and omega of the momentum inner optimizer (Eq. 5 of 000_6b55c9a7831360bd.txt);
+    #: None: the optimizer's defaults (0.9, 0).
+    inner_momentum: float | None = None
+    inner_weight_decay: float | None = None
     adapt: str = "all"
     meta_lr: float = 1e-3
     meta_optimizer: str = "adam"
@@ -56,6 +60,8 @@ class RunConfig:
     estimator_options: dict = dataclasses.field(default_factory=dict)
     #: log the LIL linearity metrics (PC, AC) every meta-step whatever the estimator.
     linearity_metrics: bool = False
+    #: the `--preset` the values came from (a record; the values themselves are in the fields).
+    preset: str | None = None
 
     def resolved(self) -> "RunConfig":
         """A copy with every None filled from the dataset's defaults; validates the choices."""
@@ -71,6 +77,13 @@ class RunConfig:
         if filled.model not in choices:
             raise ValueError(f"model={filled.model!r} is not valid for dataset={filled.dataset!r}: "
                              f"expected one of {choices}.")
+        for name in ("inner_momentum", "inner_weight_decay"):
+            if getattr(filled, name) is not None and filled.inner_optimizer != "momentum":
+                raise ValueError(
+                    f"{name}={getattr(filled, name)!r} (--{name.replace('_', '-')}) applies only to "
+                    f"inner_optimizer='momentum', got inner_optimizer={filled.inner_optimizer!r}: "
+                    "pass --inner-optimizer momentum."
+                )
         if filled.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"meta_optimizer={filled.meta_optimizer!r} is not valid: "
                              f"expected one of {sorted(META_OPTIMIZERS)}.")
@@ -84,10 +97,58 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str) -> "RunConfig":
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """Read `path`; a file that is not JSON, or JSON of the wrong shape, raises ValueError naming it."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path!r} is not a valid run configuration: not JSON ({err}).") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path!r} is not a valid run configuration: expected a JSON object of the "
+                             f"run's settings, got a JSON {type(values).__name__}.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if name in fields and not _has_type(value, fields[name].type):
+                raise ValueError(f"{path!r} is not a valid run configuration: {name}={value!r} is not "
+                                 f"valid (expected {fields[name].type}).")
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,), "bool": (bool,)}
+
+
+def _has_type(value, annotation: str) -> bool:
+    parts = [p.strip() for p in str(annotation).split("|")]
+    if value is None:
+        return "None" in parts
+    types = tuple(t for p in parts if p != "None" for t in _JSON_TYPES.get(p, (object,)))
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+#: Numbers held per example feature by each dataset's inputs.
+_FEATURES = {"sinusoid": 1, "synthetic2d": 2, "omniglot": 28 * 28}
+
+
+def task_batch_bytes(config: RunConfig) -> int:
+    """A lower estimate of the memory one task batch of `config` takes while it is sampled.
+
+    meta_batch x ways x (shots + query) examples, each its features plus a label, as float64
+    while the sampler draws them (the float32 tensors come on top). `tfmeta train` refuses a
+    configuration whose estimate exceeds the machine's memory before anything is allocated.
+    """
+    ways = 1 if config.dataset == "sinusoid" else config.ways
+    examples = config.meta_batch * ways * (config.shots + config.query)
+    return examples * (_FEATURES.get(config.dataset, 1) + 1) * 8
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def build_model(config: RunConfig) -> keras.Model:
@@ -103,17 +164,27 @@ def build_meta_optimizer(config: RunConfig) -> keras.optimizers.Optimizer:
     return META_OPTIMIZERS[config.meta_optimizer](config.meta_lr)
 
 
+def build_inner_optimizer(config: RunConfig) -> inner_optimizers.InnerOptimizer:
+    """The inner optimizer by name, with --inner-momentum / --inner-weight-decay if given."""
+    options = {}
+    if config.inner_momentum is not None:
+        options["momentum"] = config.inner_momentum
+    if config.inner_weight_decay is not None:
+        options["weight_decay"] = config.inner_weight_decay
+    return inner_optimizers.get(config.inner_optimizer, config.inner_lr, **options)
+
+
 def build_learner(config: RunConfig) -> MetaLearner:
     if config.dataset == "synthetic2d":
         from tfmeta.data import synthetic2d
 
-        return synthetic2d.make_learner(inner_optimizer=config.inner_optimizer,
+        return synthetic2d.make_learner(inner_optimizer=build_inner_optimizer(config),
                                         inner_lr=config.inner_lr, inner_steps=config.inner_steps)
     task = "regression" if config.dataset == "sinusoid" else "classification"
     return MetaLearner(
         build_model(config),
         task=task,
-        inner_optimizer=config.inner_optimizer,
+        inner_optimizer=build_inner_optimizer(config),
         inner_lr=config.inner_lr,
         inner_steps=config.inner_steps,
         adapt=config.adapt,

@@ -2,8 +2,9 @@
 
 ``saved_models/<name>/<version>/`` with integer versions: each export is written to a hidden
 temporary directory beside the versions and renamed into place, so a reader (TF Serving polls
-this directory) never sees a half-written version, a crash leaves at most a ``.tmp-*`` directory
-that TF Serving ignores, and a new version never overwrites an old one.
+this directory) never sees a half-written version, a crash leaves at most a ``.tmp-<pid>-*``
+directory that TF Serving ignores (the next export removes those whose process is gone), and a new
+version never overwrites an old one. Parameters that are not finite are never exported.
 
 Each version holds a SavedModel (``serving_default``: inputs -> the model's outputs, BatchNorm in
 inference mode) that ``tf.saved_model.load`` serves without tfmeta installed, and
@@ -14,7 +15,9 @@ fine-tuning.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 import uuid
 
 from tfmeta import _backend  # noqa: F401
@@ -30,13 +33,62 @@ def versions(root: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(root) if d.isdigit())
 
 
+_TMP = re.compile(r"^\.tmp-(?:(\d+)-)?[0-9a-f]{32}$")
+#: A temporary export directory without a process id (older tfmeta) counts as stale after this.
+_LEGACY_TMP_SECONDS = 3600
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_tmp(root: str) -> list[str]:
+    """Remove ``root/.tmp-<pid>-*`` directories left by exports whose process no longer runs
+    (e.g. killed); returns the paths removed. A live writer's directory is kept."""
+    removed = []
+    if not os.path.isdir(root):
+        return removed
+    for entry in os.listdir(root):
+        match = _TMP.match(entry)
+        path = os.path.join(root, entry)
+        if not match or not os.path.isdir(path):
+            continue
+        if match.group(1) is not None:
+            stale = int(match.group(1)) != os.getpid() and not _alive(int(match.group(1)))
+        else:
+            stale = time.time() - os.path.getmtime(path) > _LEGACY_TMP_SECONDS
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _check_finite(values, what: str) -> None:
+    values = list(values)
+    for i, value in enumerate(values):
+        value = tf.convert_to_tensor(value)
+        if value.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(value))):
+            name = what if len(values) == 1 else f"{what} {i}"
+            raise ValueError(f"{name} holds NaN or Inf: refusing to export a model that would predict NaN.")
+
+
 def _write_version(base_dir: str, name: str, write) -> str:
     """Run ``write(tmp_dir)`` and rename tmp_dir to ``base_dir/name/<next version>`` atomically."""
     if not name or os.sep in name or name.startswith("."):
         raise ValueError(f"name={name!r} is not valid: expected a non-empty directory name.")
     root = os.path.join(base_dir, name)
+    for path in (base_dir, root):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"export directory {path!r} is a file, not a directory.")
     os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".tmp-{uuid.uuid4().hex}")
+    clean_stale_tmp(root)
+    tmp = os.path.join(root, f".tmp-{os.getpid()}-{uuid.uuid4().hex}")
     try:
         write(tmp)
         while True:
@@ -62,6 +114,8 @@ def export_model(model: keras.Model, base_dir: str, name: str) -> str:
         >>> served = tf.saved_model.load(path).signatures["serving_default"]
     """
 
+    _check_finite([v.value for v in model.weights], "weight")
+
     def write(tmp):
         model.export(tmp, format="tf_saved_model", verbose=False)
         model.save(os.path.join(tmp, "model.keras"))
@@ -78,7 +132,13 @@ def export_adapted(learner, support_x, support_y, base_dir: str, name: str, step
     """
     from tfmeta.keras_model import MetaModel
 
+    _check_finite(learner.meta_values(), "meta-parameter")
+    for what, array in (("support_x", support_x), ("support_y", support_y)):
+        if tf.size(array) == 0:
+            raise ValueError(f"{what} is empty: expected a support set with at least one example.")
+        _check_finite([array], what)
     adapted_model = MetaModel(learner).adapt(support_x, support_y, steps=steps)
+    _check_finite([v.value for v in adapted_model.trainable_variables], "adapted weight")
     module = _Adapter(learner, adapted=[v.value for v in adapted_model.trainable_variables])
 
     def write(tmp):
@@ -105,10 +165,13 @@ class _Adapter(tf.Module):
         self.output_key = "logits" if learner.task == "classification" else "predictions"
         x_spec = tf.TensorSpec((None,) + features, dtype, name="x")
         if learner.task == "classification":
-            y_spec = tf.TensorSpec((None,), tf.int32, name="support_y")
+            self.target_shape = []
+            # the shape is checked in the graph with a clear message (a signature does not check it)
+            y_spec = tf.TensorSpec(None, tf.int32, name="support_y")
             self.num_classes = int(model.outputs[0].shape[-1])
         else:
-            y_spec = tf.TensorSpec((None,) + tuple(model.outputs[0].shape[1:]), dtype, name="support_y")
+            self.target_shape = [int(d) for d in model.outputs[0].shape[1:]]
+            y_spec = tf.TensorSpec(None, dtype, name="support_y")
         sx_spec = tf.TensorSpec((None,) + features, dtype, name="support_x")
         qx_spec = tf.TensorSpec((None,) + features, dtype, name="query_x")
         self.serve = tf.function(self._serve, input_signature=[x_spec])
@@ -123,9 +186,19 @@ class _Adapter(tf.Module):
 
     def _adapt_and_predict(self, support_x, support_y, query_x):
         learner = self.learner
-        checks = [tf.debugging.assert_equal(
-            tf.shape(support_x)[0], tf.shape(support_y)[0],
-            message="support_x and support_y must hold the same number of examples")]
+        # Cheap checks that fail in the graph with a clear message (TF Serving returns it after
+        # "Graph execution error"): an empty set, NaN/Inf inputs, sizes and shapes that disagree.
+        checks = [
+            tf.debugging.assert_positive(tf.shape(support_x)[0],
+                                         message="support_x is empty: expected at least one support example"),
+            tf.debugging.assert_positive(tf.shape(query_x)[0],
+                                         message="query_x is empty: expected at least one query example"),
+            tf.debugging.assert_equal(
+                tf.shape(support_x)[0], tf.shape(support_y)[0],
+                message="support_x and support_y must hold the same number of examples"),
+            tf.debugging.assert_all_finite(support_x, "support_x holds NaN or Inf"),
+            tf.debugging.assert_all_finite(query_x, "query_x holds NaN or Inf"),
+        ]
         if learner.task == "classification":
             checks += [
                 tf.debugging.assert_non_negative(support_y, message="support_y labels must be >= 0"),
@@ -133,11 +206,26 @@ class _Adapter(tf.Module):
                     support_y, self.num_classes,
                     message=f"support_y labels must be class indices 0..{self.num_classes - 1}"),
             ]
+        else:
+            checks += [tf.debugging.assert_all_finite(support_y, "support_y holds NaN or Inf")]
+        checks.append(_assert_trailing_shape(
+            support_y, self.target_shape,
+            "support_y must have shape [examples" + "".join(f", {d}" for d in self.target_shape) + "]"))
         with tf.control_dependencies(checks):
             support_x = tf.identity(support_x)
+            support_y = tf.identity(support_y)
         meta = learner.unflatten(learner.meta_values())
         params = learner.adapt(meta, support_x, support_y, second_order=False)
         return {self.output_key: learner.fmodel(params, query_x)}
+
+
+def _assert_trailing_shape(tensor, trailing, message):
+    """An in-graph check that `tensor` has shape [any] + trailing (rank included)."""
+    shape = tf.shape(tensor)
+    rank_ok = tf.equal(tf.size(shape), 1 + len(trailing))
+    dims = tf.cond(rank_ok, lambda: shape[1:], lambda: tf.fill([len(trailing)], -1))
+    ok = tf.logical_and(rank_ok, tf.reduce_all(tf.equal(dims, tf.constant(trailing, tf.int32))))
+    return tf.debugging.Assert(ok, [message + "; got shape", shape])
 
 
 def export_adapter(learner, base_dir: str, name: str) -> str:
@@ -155,6 +243,7 @@ def export_adapter(learner, base_dir: str, name: str) -> str:
     learner's policy (batch statistics by default, as in meta-training). Loading needs only
     TensorFlow: ``tf.saved_model.load(path).signatures["adapt_and_predict"]``.
     """
+    _check_finite(learner.meta_values(), "meta-parameter")
     module = _Adapter(learner)
 
     def write(tmp):

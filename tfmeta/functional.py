@@ -21,7 +21,15 @@ derivative it needs and faster (:func:`_fused_batch_call`). Two policies:
   the affine parameters gamma and beta still adapt.
 
 Under both policies the running statistics are never updated by inner steps or meta-steps: the
-state that `stateless_call` returns is discarded.
+BatchNorm state that `stateless_call` returns is discarded.
+
+Random layers
+-------------
+Dropout and other layers that draw from a ``keras.random.SeedGenerator`` get a fresh generator
+state on every call: from the open seed scope of :mod:`tfmeta.randomness` (the meta-step, task
+and inner-step loops open and fold them, so each inner step of each task draws its own masks,
+reproducibly), or, with no scope open, from the model's own generator states, which are then
+advanced as in a plain Keras model.
 
 Which weights adapt
 -------------------
@@ -45,6 +53,7 @@ import types
 from typing import Callable, Sequence
 
 from tfmeta import _backend  # noqa: F401
+from tfmeta import randomness
 
 import keras
 import tensorflow as tf
@@ -189,6 +198,16 @@ class FunctionalModel:
             for layer in model._flatten_layers(include_self=True)
             if isinstance(layer, keras.layers.BatchNormalization)
         ]
+        states = model.non_trainable_variables
+        generators = [
+            g.state
+            for layer in model._flatten_layers(include_self=True)
+            for g in getattr(layer, "_seed_generators", ())
+        ]
+        #: positions in `model.non_trainable_variables` of the random layers' generator states.
+        self.random_states = tuple(
+            i for i, v in enumerate(states) if any(v is g for g in generators)
+        )
         for layer in self._bn_layers:
             if getattr(layer, "synchronized", False) or getattr(layer, "renorm", False):
                 raise ValueError(
@@ -218,9 +237,35 @@ class FunctionalModel:
         `tf.while_loop` (see :func:`_fused_batch_call`): `MetaLearner.outer_loss` uses it for
         the query pass, inner loops never do.
         """
+        states = self.state()
+        seed = randomness.next_seed() if self.random_states else None
+        if seed is not None:  # a fresh generator state per random layer (see module docstring)
+            for k, i in enumerate(self.random_states):
+                states[i] = tf.cast(randomness.fold_in(seed, k), states[i].dtype)
         with batchnorm_policy(self._bn_layers, self.batchnorm, fused=fused_batchnorm):
-            outputs, _ = self.model.stateless_call(list(params), self.state(), x, training=training)
+            outputs, new_states = self.model.stateless_call(list(params), states, x, training=training)
+        if self.random_states and seed is None:  # no scope: advance the model's own generators
+            variables = self.model.non_trainable_variables
+            for i in self.random_states:
+                variables[i].assign(new_states[i])
         return outputs
+
+    def draw_seed(self) -> tf.Tensor:
+        """A seed for a scope of :mod:`tfmeta.randomness`, drawn from (and advancing) the model's
+        first random layer's generator state; a constant when the model has no random layer."""
+        if not self.random_states:
+            return tf.zeros([2], tf.int64)
+        variable = self.model.non_trainable_variables[self.random_states[0]]
+        value = tf.identity(variable.value)
+        variable.assign(value + tf.constant([0, 1], value.dtype))
+        return randomness.fold_in(tf.cast(value, tf.int64), 0x5EED)
+
+    def initial_seed(self) -> tf.Tensor:
+        """The model's first random layer's generator state now, as a seed (a constant)."""
+        if not self.random_states:
+            return tf.zeros([2], tf.int64)
+        value = self.model.non_trainable_variables[self.random_states[0]].numpy()
+        return tf.constant(value, tf.int64)
 
     def merge(self, params: Sequence[tf.Tensor], adapted: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """`params` with the adapted subset replaced by `adapted` (ordered as `self.adapted`)."""

@@ -15,6 +15,9 @@ reuses it for the n optimizer steps of that window (Eq. 11-12 of 000_6b55c9a7831
 ceil(T/n) gradient evaluations, and as many Hessian-vector products in backpropagation. When n
 does not divide T the last window is shorter (T mod n steps).
 
+Random layers (Dropout) draw fresh randomness for each gradient evaluation: the step index is
+folded into the open seed scope of :mod:`tfmeta.randomness`.
+
 An :class:`Observer` accumulates statistics along the trajectory (path length, gradient norms,
 gradient differences) without keeping the trajectory: the linearity metrics and the reuse
 estimator's gradient-difference metric are observers.
@@ -26,7 +29,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
-from tfmeta import inner_optimizers
+from tfmeta import inner_optimizers, randomness
 
 
 class Observer(NamedTuple):
@@ -85,7 +88,8 @@ def run(
 
     def window(t, params, state, acc, length: int):
         """One gradient evaluation, then `length` optimizer steps with that gradient."""
-        grads = gradient(params)
+        with randomness.fold(t):  # random layers: fresh masks for each gradient evaluation
+            grads = gradient(params)
         for j in range(length):
             new_params, state = inner_optimizers.step(optimizer, params, grads, state, learning_rate)
             if observer is not None:

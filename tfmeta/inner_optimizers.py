@@ -32,6 +32,10 @@ class InnerOptimizer(NamedTuple):
     learning_rate: float
     init: Callable[[Params], Any]
     direction: Callable[[Params, Any, Params], tuple[list[tf.Tensor], Any]]
+    #: omega of Eq. 5 of 000_6b55c9a7831360bd.txt (0 for optimizers without weight decay): the
+    #: steps converge to a zero of grad L + omega * phi, not of grad L (the implicit estimator
+    #: needs it to differentiate the problem actually solved).
+    weight_decay: float = 0.0
 
 
 def _check_rate(name: str, value: float) -> float:
@@ -79,7 +83,7 @@ def momentum(
 
     return InnerOptimizer(
         "momentum", learning_rate, init=lambda params: [tf.zeros_like(p) for p in params],
-        direction=direction,
+        direction=direction, weight_decay=omega,
     )
 
 

@@ -30,12 +30,14 @@ from tfmeta import _backend  # noqa: F401
 import keras
 import tensorflow as tf
 
-from tfmeta import estimators, evaluation
+from tfmeta import estimators, evaluation, randomness
 from tfmeta.learner import MetaLearner
 
 FIELDS = ("support_x", "support_y", "query_x", "query_y")
 #: Marker in the in-graph assertion message of a non-finite meta-step.
-NONFINITE_MARKER = "tfmeta: non-finite meta-loss or meta-gradient"
+NONFINITE_MARKER = "tfmeta: non-finite meta-step"
+#: With on_nonfinite="skip", a run stops after this many meta-steps skipped in a row.
+DEFAULT_MAX_SKIPS = 10
 
 
 def task_dataset(data, *, start: int = 0, steps: int | None = None) -> tf.data.Dataset:
@@ -86,9 +88,15 @@ class MetaModel(keras.Model):
         self.meta_sgd_rates = list(learner.lr_variables)
         self.meta_network = learner.meta_network
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
+        #: random layers (Dropout): meta-step k draws its masks from fold_in(this seed, k), so a
+        #: run is reproducible from the model's seed and a resumed run draws the same masks.
+        self._random_seed = learner.fmodel.initial_seed()
         self.estimator = None
         self.clip_norm = None
         self.on_nonfinite = "stop"
+        self.max_skips = DEFAULT_MAX_SKIPS
+        #: meta-steps skipped in a row (on_nonfinite="skip"); reset by every applied step.
+        self.consecutive_skips = keras.Variable(0, dtype="int64", trainable=False, name="consecutive_skips")
         #: how many times the meta-step was traced (a retrace after warm-up is a bug: see bench soak).
         self.trace_count = 0
         self._adapt_fns = {}
@@ -103,7 +111,7 @@ class MetaModel(keras.Model):
         return fmodel(fmodel.parameters(), x)
 
     def compile(self, optimizer="adam", estimator="maml", *, clip_norm: float | None = None,
-                on_nonfinite: str = "stop", **kwargs):
+                on_nonfinite: str = "stop", max_skips: int = DEFAULT_MAX_SKIPS, **kwargs):
         """Configure meta-training.
 
         Args:
@@ -113,6 +121,10 @@ class MetaModel(keras.Model):
             on_nonfinite: what a NaN/Inf meta-loss or meta-gradient does: "stop" (the step fails
                 in the graph before anything is applied; `MetaTrainer` turns it into
                 `NonFiniteMetaStepError`) or "skip" (no update that step, a message on stderr).
+                Either way an update that would make a meta-parameter or the optimizer's state
+                NaN/Inf (e.g. Adam's second moment overflowing) is undone.
+            max_skips: with "skip", the step fails (`NonFiniteMetaStepError`) once more than this
+                many meta-steps in a row were skipped: a run that cannot make a finite step stops.
         """
         kwargs.setdefault("jit_compile", False)  # XLA never finished compiling MAML on CPU
         super().compile(optimizer=optimizer, **kwargs)
@@ -125,7 +137,10 @@ class MetaModel(keras.Model):
             raise ValueError(f"clip_norm={clip_norm!r} is not valid: expected a number > 0.")
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not valid: expected 'stop' or 'skip'.")
+        if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0:
+            raise ValueError(f"max_skips={max_skips!r} is not valid: expected an integer >= 0.")
         self.estimator = estimator
+        self.max_skips = max_skips
         self.clip_norm = clip_norm
         self.on_nonfinite = on_nonfinite
         self.optimizer.build(self.learner.meta_variables)
@@ -168,7 +183,12 @@ class MetaModel(keras.Model):
             raise RuntimeError("MetaModel must be compiled (compile(optimizer, estimator)) before fit.")
         self.trace_count += 1  # Python side effect: runs once per trace, not per step
         tasks = _tasks(data)
-        result = self.estimator.meta_gradient(self.learner, tasks)
+        if self.learner.fmodel.random_states:
+            seed = randomness.fold_in(self._random_seed, self.meta_step)
+            with randomness.scope(seed):
+                result = self.estimator.meta_gradient(self.learner, tasks)
+        else:
+            result = self.estimator.meta_gradient(self.learner, tasks)
         # Under a tf.distribute strategy each replica holds the mean over its own tasks and the
         # optimizer sums over replicas: dividing by the replica count gives the global mean.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -178,27 +198,67 @@ class MetaModel(keras.Model):
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
         if self.clip_norm is not None:
             grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
-        message = f"{NONFINITE_MARKER} with estimator {self.estimator.name!r} at meta-step"
+        message = f"{NONFINITE_MARKER}: estimator {self.estimator.name!r} gave a non-finite meta-loss or meta-gradient at meta-step"
+        # A finite but huge meta-gradient can still make the meta-optimizer's update (or its own
+        # state, e.g. Adam's second moment overflowing to inf) non-finite: snapshot the state,
+        # update, and put the snapshot back unless every updated value is finite.
+        state = list(self.learner.meta_variables) + list(self.optimizer.variables)
+        snapshot = [tf.identity(_tf_variable(v)) for v in state]
         if self.on_nonfinite == "stop":
             check = tf.debugging.Assert(finite, [message, self.meta_step + 1, "loss", result.loss])
-            with tf.control_dependencies([check]):
+            with tf.control_dependencies([check] + snapshot):
                 grads = [tf.identity(g) for g in grads]
-                self.meta_step.assign_add(1)  # nothing changes unless the check passed
             self.optimizer.apply(grads, self.learner.meta_variables)
+            applied = tf.constant(True)
         else:
             def update():
                 self.optimizer.apply(grads, self.learner.meta_variables)
-                self.meta_step.assign_add(1)
                 return tf.constant(True)
 
             def skip():
                 tf.print(message, self.meta_step + 1, "loss", result.loss, "(skipped)",
                          output_stream=sys.stderr)
-                self.meta_step.assign_add(1)  # the task stream moves on past the bad batch
                 return tf.constant(False)
 
-            tf.cond(finite, update, skip)
-        keep = None if self.on_nonfinite == "stop" else finite
+            with tf.control_dependencies(snapshot):
+                finite = tf.identity(finite)
+            applied = tf.cond(finite, update, skip)
+        with tf.control_dependencies([applied]):
+            updated = [tf.identity(_tf_variable(v)) for v in state]
+        sound = tf.constant(True)
+        for v in updated:
+            if v.dtype.is_floating:
+                sound = tf.logical_and(sound, tf.reduce_all(tf.math.is_finite(v)))
+        _assign_all(state, [tf.where(sound, u, s) for u, s in zip(updated, snapshot)])
+        # read back after the restore, so that a failing check below cannot pre-empt it
+        restored = [tf.identity(_tf_variable(v)) for v in state]
+        bad_update = f"{NONFINITE_MARKER}: the meta-optimizer update at meta-step"
+        if self.on_nonfinite == "stop":
+            with tf.control_dependencies(restored):
+                sound = tf.identity(sound)
+            check = tf.debugging.Assert(sound, [bad_update, self.meta_step + 1,
+                                                "made the meta-parameters or optimizer state non-finite; "
+                                                "it was undone"])
+            with tf.control_dependencies([check]):
+                self.meta_step.assign_add(1)  # nothing changes unless both checks passed
+            keep = None
+        else:
+            tf.cond(tf.logical_and(finite, tf.logical_not(sound)),
+                    lambda: tf.print(bad_update, self.meta_step + 1, "made the meta-parameters or optimizer "
+                                     "state non-finite (undone, skipped)", output_stream=sys.stderr),
+                    lambda: tf.no_op())
+            keep = tf.logical_and(finite, sound)
+            # the task stream moves on past a bad batch; a run that cannot make a finite step stops
+            with tf.control_dependencies(restored):
+                keep = tf.identity(keep)
+            skips = tf.where(keep, tf.constant(0, self.consecutive_skips.dtype), self.consecutive_skips + 1)
+            self.consecutive_skips.assign(skips)
+            limit = tf.debugging.Assert(
+                skips <= self.max_skips,
+                [f"{NONFINITE_MARKER}: more than max_skips={self.max_skips} meta-steps in a row were "
+                 "skipped, the last at meta-step", self.meta_step + 1])
+            with tf.control_dependencies([limit]):
+                self.meta_step.assign_add(1)
         return self._log(self._train_names, {"loss": result.loss, **result.metrics}, keep)
 
     def test_step(self, data):
@@ -268,6 +328,22 @@ class MetaModel(keras.Model):
         for variable, value in zip(clone.trainable_variables, params):
             variable.assign(value)
         return clone
+
+
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _assign_all(variables, values) -> None:
+    """Assign `values` to `variables` from a train step, under any tf.distribute strategy (the
+    same merge-call path as Keras' optimizer updates)."""
+
+    def assign(distribution, pairs):
+        for variable, value in pairs:
+            distribution.extended.update(variable, lambda v, x: v.assign(x), args=(value,), group=False)
+
+    pairs = [(_tf_variable(v), value) for v, value in zip(variables, values)]
+    tf.__internal__.distribute.interim.maybe_merge_call(assign, tf.distribute.get_strategy(), pairs)
 
 
 def _adapt_fn(learner: MetaLearner, steps: int | None):

@@ -17,8 +17,11 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar, NamedTuple, Sequence
 
+import contextlib
+
 import tensorflow as tf
 
+from tfmeta import randomness
 from tfmeta.learner import MetaLearner
 
 _REGISTRY: dict[str, type["Estimator"]] = {}
@@ -85,6 +88,17 @@ def all_flags() -> list[Flag]:
 
 def zeros_for_none(grads: Sequence, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, like)]
+
+
+def random_scope(learner: MetaLearner):
+    """The seed scope of a meta-gradient (see :mod:`tfmeta.randomness`): for a model with random
+    layers, the open scope (folded with the replica id) or, when none is open, one seeded from the
+    model's generator state; nothing for other models."""
+    if not learner.fmodel.random_states:
+        return contextlib.nullcontext()
+    if randomness.active():
+        return randomness.replica_fold()
+    return randomness.scope(learner.fmodel.draw_seed())
 
 
 class Estimator(abc.ABC):
@@ -190,7 +204,8 @@ class Estimator(abc.ABC):
 
         def body(i, loss_sum, metric_sums, grad_sums):
             task = Task(*(t[i] for t in tasks))
-            loss, grads, metrics = task_gradient(learner, meta_values, task)
+            with randomness.fold(i):  # random layers: each task its own masks
+                loss, grads, metrics = task_gradient(learner, meta_values, task)
             return (
                 i + 1,
                 loss_sum + tf.cast(loss, dtype),
@@ -204,8 +219,9 @@ class Estimator(abc.ABC):
             {k: tf.zeros([], dtype) for k in names},
             [tf.zeros_like(v) for v in meta_values],
         )
-        _, loss, metrics, grads = tf.while_loop(
-            lambda i, *_: i < count, body, start, parallel_iterations=self.parallel_tasks
-        )
+        with random_scope(learner):
+            _, loss, metrics, grads = tf.while_loop(
+                lambda i, *_: i < count, body, start, parallel_iterations=self.parallel_tasks
+            )
         m = tf.cast(count, dtype)
         return MetaGradient(loss / m, [g / m for g in grads], {k: v / m for k, v in metrics.items()})

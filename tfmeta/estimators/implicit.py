@@ -9,7 +9,10 @@ found by an inner solver that is **never differentiated through**: no tape is op
 nothing of its trajectory is kept and memory does not grow with the number of inner steps.
 
 - ``inner_solver="gd"``: the learner's inner optimizer for T = ``learner.inner_steps`` steps on G
-  from theta (`tfmeta.inner_loop.run` with ``second_order=False``).
+  from theta (`tfmeta.inner_loop.run` with ``second_order=False``). An inner optimizer with weight
+  decay omega (``momentum(weight_decay=omega)``, Eq. 5 of 000_6b55c9a7831360bd.txt) converges to
+  the zero of grad_phi G + omega phi, the minimiser of G_omega = G + omega/2 ||phi||^2; the
+  implicit system below is then that of G_omega (see "Weight decay").
 - ``inner_solver="hessian-free"``: Newton-CG on G (Sec. 4 and Appendix F.2 of 002_...): CG for the
   Newton direction with Hessian-vector products of G, backtracking line search on G, repeated
   ``newton_steps`` times (default T; the paper uses 3), ``newton_cg_steps`` CG steps each.
@@ -28,6 +31,15 @@ CG and uses g = v, first-order MAML at the proximal solution (Appendix A). The o
 solves a differently damped system, ((1 + c) I + H / (lambda + d)) x = v with c = 1 and d = 10 by
 default, which is not Eq. 6; this estimator follows the paper (see docs/implicit.md).
 
+Weight decay: with the ``gd`` solver and an inner optimizer whose ``weight_decay`` omega > 0, the
+root condition is F = grad_phi L_train + Lambda (phi - theta) + omega phi = 0, so dF/dphi =
+H + (Lambda + omega I) and dF/dtheta = -Lambda, and Lemma 1 becomes
+
+    ((1 + omega / lambda) I + H / lambda) g = v                          (scalar lambda)
+
+(CG preconditioned by (Lambda + omega)^-1). ``cg_steps=0`` still uses g = v. The hessian-free
+solver minimises G itself (it ignores the learner's optimizer), so no decay enters there.
+
 Weights that ``adapt`` leaves out (e.g. the body under ANIL) are shared across tasks: they get the
 direct query-loss gradient plus the implicit term of their effect on phi (the same root
 condition differentiated in them), so the meta-gradient is the derivative of
@@ -36,7 +48,7 @@ the learner's ``meta_network``) gets d L_test / d log lambda_k = -<g_k, phi_k - 
 same way. Meta-SGD rates do not exist here (there is no differentiated learning rate) and other
 meta-networks are not supported.
 
-Metrics: ``inner_grad_norm`` = ||grad_phi G(phi)|| at the returned phi (how far from the proximal
+Metrics: ``inner_grad_norm`` = ||grad_phi G(phi)|| (G_omega with weight decay) at the returned phi (how far from the proximal
 minimiser: the delta of Algorithm 2), and, when ``cg_steps > 0``, ``cg_residual`` =
 ||v - (I + H Lambda^-1) g|| / ||v|| (the delta' of Algorithm 2, relative).
 
@@ -145,6 +157,9 @@ class Implicit(Estimator):
         Flag("lam", float, 1.0, "implicit: proximal regularization strength lambda > 0 (Eq. 3)"),
         Flag("cg_steps", int, 5, "implicit: conjugate-gradient steps for the meta-gradient (0: first order)"),
         Flag("inner_solver", str, "gd", f"implicit: inner solver, one of {list(INNER_SOLVERS)}"),
+        Flag("newton_steps", int, None,
+             "implicit: Newton-CG iterations of --inner-solver hessian-free (None: the inner steps "
+             "T; Rajeswaran et al. 2019, Appendix F.2, use 3)"),
     )
 
     def __init__(
@@ -226,8 +241,15 @@ class Implicit(Estimator):
             return [tf.constant(v, dtype) for v in self.lam]
         return [tf.constant(self.lam, dtype)] * count
 
-    def _objective(self, learner, meta, task):
-        """G(adapted, theta, net): the task's proximal inner objective (Eq. 4)."""
+    def _decay(self, learner) -> float:
+        """omega: the weight decay of the ``gd`` solver's optimizer (0 for hessian-free)."""
+        if self.inner_solver != "gd":
+            return 0.0
+        return float(getattr(learner.inner_optimizer, "weight_decay", 0.0))
+
+    def _objective(self, learner, meta, task, decay: float = 0.0):
+        """G(adapted, theta, net): the task's proximal inner objective (Eq. 4), plus
+        decay/2 ||adapted||^2 when `decay` > 0 (the problem the ``gd`` solver solves)."""
         index = learner.fmodel.adapted
 
         def objective(adapted, theta, net):
@@ -240,6 +262,8 @@ class Implicit(Estimator):
                 0.5 * lam * tf.reduce_sum(tf.square(phi - theta[i]))
                 for lam, phi, i in zip(lams, adapted, index)
             ])
+            if decay > 0:
+                prox += 0.5 * decay * tf.add_n([tf.reduce_sum(tf.square(phi)) for phi in adapted])
             return loss + tf.cast(prox, loss.dtype)
 
         return objective
@@ -280,21 +304,22 @@ class Implicit(Estimator):
         return (params, acc) if observer is not None else params
 
     # -- the meta-gradient -----------------------------------------------------------------------
-    def _solve(self, lams: list):
-        """Algorithm 2, step 5, as the linear solve of root_vjp: (H + Lambda) w = v."""
+    def _solve(self, lams: list, decay: float = 0.0):
+        """Algorithm 2, step 5, as the linear solve of root_vjp: (H + Lambda + omega I) w = v."""
         inverse = [1.0 / lam for lam in lams]
+        damped = [1.0 / (lam + decay) for lam in lams] if decay > 0 else inverse
 
-        def precondition(r):
-            return [ri * tf.cast(s, ri.dtype) for ri, s in zip(r, inverse)]
+        def scale(r, factors):
+            return [ri * tf.cast(s, ri.dtype) for ri, s in zip(r, factors)]
 
         def solve(matvec, b):
             if self.cg_steps == 0:  # CG not invoked: g = Lambda w = v (Appendix A)
-                return precondition(b), None
+                return scale(b, inverse), None
             return implicit.conjugate_gradient(
                 matvec, b,
                 max_steps=self.cg_steps,
                 tol=_EARLY_STOP if self.cg_tol is None else self.cg_tol,
-                preconditioner=precondition,
+                preconditioner=lambda r: scale(r, damped),
                 warn="curvature" if self.cg_tol is None else True,
                 name="implicit meta-gradient (I + H/lambda) g = v",
             )
@@ -325,9 +350,10 @@ class Implicit(Estimator):
         )
 
         # The implicit part: F(phi; theta, net) = grad_phi G = 0 differentiated (Lemma 1).
-        optimality = implicit.gradient_optimality(self._objective(learner, meta, task))
+        decay = self._decay(learner)
+        optimality = implicit.gradient_optimality(self._objective(learner, meta, task, decay))
         (implicit_theta, implicit_net), info = implicit.root_vjp(
-            optimality, phi, (theta, net), v, solve=self._solve(self._lambdas(learner, net)),
+            optimality, phi, (theta, net), v, solve=self._solve(self._lambdas(learner, net), decay),
         )
         grads = [a + b for a, b in zip(direct_theta, implicit_theta)]
         grads += [a + b for a, b in zip(direct_net, implicit_net)]

@@ -77,9 +77,9 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tfmeta import functional, inner_optimizers
+from tfmeta import functional, inner_optimizers, randomness
 from tfmeta.data.episodes import TaskBatch, check_index, check_positive_int, make_dataset
-from tfmeta.estimators.base import Estimator, Flag, MetaGradient, Task, register
+from tfmeta.estimators.base import Estimator, Flag, MetaGradient, Task, random_scope, register
 from tfmeta.replica_state import TaskRows, replica_variable
 
 SHIFT_GRADS = ("reptile", "fomaml")
@@ -137,7 +137,8 @@ def _steps(learner, meta, theta, state, steps, x, y):
     """U_steps from (theta, state): `steps` (a scalar tensor) inner steps in a `tf.while_loop`."""
 
     def body(j, theta, state):
-        theta, state = _one_step(learner, meta, theta, state, x, y)
+        with randomness.fold(j):
+            theta, state = _one_step(learner, meta, theta, state, x, y)
         return j + 1, theta, state
 
     _, theta, state = tf.while_loop(
@@ -476,19 +477,20 @@ class Shifting(Estimator):
         def body(i, loss_sum, metric_sums, grad_sums, theta_out, state_out):
             task = Task(*(t[i] for t in tasks))
             theta = [t[i] for t in theta0]
-            theta, state = _one_step(learner, meta, theta, pack(s[i] for s in state0),
-                                     task.support_x, task.support_y)
-            used = theta
-            extra = {"horizon": tf.cast(k + 1, dtype)}
-            if self.accurate:
-                start = [p if not spec else s[i] for p, s, spec in zip(phi, start_theta0, self._specific)]
-                exact, _ = _steps(learner, meta, start, pack(s[i] for s in start_state0), k + 1,
-                                  task.support_x, task.support_y)
-                sq = [tf.reduce_sum(tf.square(e - t)) for e, t, spec in zip(exact, theta, self._specific)
-                      if not spec]
-                extra["approx_error"] = tf.sqrt(tf.add_n(sq))
-                used = exact
-            loss, grads, metrics = self._meta_grad(learner, meta, used, task)
+            with randomness.fold(i):  # random layers: each task its own masks
+                theta, state = _one_step(learner, meta, theta, pack(s[i] for s in state0),
+                                         task.support_x, task.support_y)
+                used = theta
+                extra = {"horizon": tf.cast(k + 1, dtype)}
+                if self.accurate:
+                    start = [p if not spec else s[i] for p, s, spec in zip(phi, start_theta0, self._specific)]
+                    exact, _ = _steps(learner, meta, start, pack(s[i] for s in start_state0), k + 1,
+                                      task.support_x, task.support_y)
+                    sq = [tf.reduce_sum(tf.square(e - t)) for e, t, spec in zip(exact, theta, self._specific)
+                          if not spec]
+                    extra["approx_error"] = tf.sqrt(tf.add_n(sq))
+                    used = exact
+                loss, grads, metrics = self._meta_grad(learner, meta, used, task)
             metrics = dict(metrics, **extra)
             return (
                 i + 1,
@@ -512,9 +514,10 @@ class Shifting(Estimator):
             arrays(theta0),
             arrays(state0),
         )
-        _, loss, metrics, grads, theta_out, state_out = tf.while_loop(
-            lambda i, *_: i < count, body, start, parallel_iterations=self.parallel_tasks
-        )
+        with random_scope(learner):
+            _, loss, metrics, grads, theta_out, state_out = tf.while_loop(
+                lambda i, *_: i < count, body, start, parallel_iterations=self.parallel_tasks
+            )
         with tf.control_dependencies([loss]):  # after the task loop (and so after the check)
             for v, ta in zip(self.theta, theta_out):
                 v.assign(ta.stack())
