@@ -548,9 +548,11 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
     if effect is not None:
         change = effect["median_change"]
         n = effect["inner_steps"]
-        print(f"inner loop at the initialization: {n} step{'' if n == 1 else 's'} lower the support loss by "
-              f"{100 * effect['support_loss_drop']:.1f}%"
-              + (f" and move the kernels by {100 * change:.0f}% of their norm (median)" if change is not None else "")
+        one = n == 1
+        print(f"inner loop at the initialization: {n} step{'' if one else 's'} lower{'s' if one else ''} the "
+              f"support loss by {100 * effect['support_loss_drop']:.1f}%"
+              + (f" and move{'s' if one else ''} the kernels by {100 * change:.0f}% of their norm (median)"
+                 if change is not None else "")
               + (" - too little, see the warning above" if effect["stalled"] else ""))
     print(f"meta-trained {steps} steps in {seconds:.1f}s; run directory {run_dir}"
           + (f"; exported {exported}" if exported else ""))
