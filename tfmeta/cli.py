@@ -244,13 +244,21 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
                         help="export the model adapted to one task: an .npz with support_x and support_y")
     export.add_argument("--checkpoint", default=None, metavar="CKPT",
                         help="export this checkpoint (e.g. ckpt-20) instead of the latest")
+    from tfmeta.export_tflite import DEFAULT_PROFILE, PROFILES
+    export.add_argument("--tflite", action="store_true",
+                        help="also write model.tflite (LiteRT: adapt_and_predict and predict) into the version")
+    export.add_argument("--tflite-profile", default=DEFAULT_PROFILE, choices=list(PROFILES),
+                        help="; ".join(f"{k}: {v}" for k, v in PROFILES.items()) + f" (default {DEFAULT_PROFILE})")
+    export.add_argument("--tflite-shots", type=_positive_int, default=None,
+                        help="support examples per class of the .tflite's fixed support set (default: the run's shots)")
 
     bench = sub.add_parser("bench", help="time one meta-step configuration (conv4 on random inputs)")
     from tfmeta.bench import ESTIMATORS
-    bench.add_argument("--suite", default="step", choices=["step", "soak", "cost", "accuracy"],
+    bench.add_argument("--suite", default="step", choices=["step", "soak", "cost", "accuracy", "litert"],
                        help="step: time one configuration; soak: 2,000 sinusoid meta-steps, memory every "
                             "100; cost: every estimator x inner steps, one process each; accuracy: every "
-                            "estimator on Omniglot for the same wall-clock budget")
+                            "estimator on Omniglot for the same wall-clock budget; litert: size and "
+                            "adapt_and_predict latency of the .tflite (head adaptation) against the SavedModel")
     bench.add_argument("--quick", action="store_true", help="cost suite: a small subset (about 3 minutes)")
     bench.add_argument("--plot", default=None, metavar="DIR", help="cost/accuracy suites: write PNG plots to DIR")
     bench.add_argument("--output", default=None, metavar="FILE", help="cost/accuracy suites: write the JSON report to FILE")
@@ -583,7 +591,17 @@ def cmd_export(args) -> dict:
 
     run_dir, config, learner, _ = _load_run(args.run, args.checkpoint)
     name = args.name or f"{config.dataset}_{config.estimator}"
-    if args.adapt_on is None:
+    if args.adapt_on is not None and args.tflite:
+        raise ValueError("--tflite exports the adapting model; it cannot be combined with --adapt-on.")
+    if args.tflite:
+        from tfmeta import export_tflite
+
+        shots = args.tflite_shots or config.shots
+        path = export_tflite.export_tflite(learner, args.export_dir, name, shots=shots, profile=args.tflite_profile)
+        size = os.path.getsize(os.path.join(path, export_tflite.FILENAME))
+        print(f"wrote {os.path.join(path, export_tflite.FILENAME)} ({size / 1024:.1f} KiB, profile "
+              f"{args.tflite_profile}, support set of {export_tflite.support_size(learner, shots)} examples)")
+    elif args.adapt_on is None:
         path = export.export_adapter(learner, args.export_dir, name)
     else:
         import numpy as np
@@ -623,6 +641,18 @@ def cmd_bench(args) -> dict:
                 print(f"{row['estimator']:>10}: " + (row.get("error") or
                       f"{100 * acc:.2f}% ± {100 * row['accuracy_after_ci95']:.2f} after {row['steps']} meta-steps"))
         return report
+
+    if args.suite == "litert":
+        from tfmeta import export_tflite
+
+        result = export_tflite.benchmark(ways=args.ways, shots=args.shots, query=args.query, filters=args.filters,
+                                         inner_steps=args.inner_steps, repeats=args.steps or 20, seed=args.seed)
+        if not args.json:
+            print(f"litert: model.tflite {result['tflite_bytes'] / 1024:.1f} KiB; adapt_and_predict "
+                  f"{args.ways}-way {args.shots}-shot, {result['query']} query: LiteRT "
+                  f"{1000 * result['litert_seconds_median']:.1f} ms, SavedModel "
+                  f"{1000 * result['saved_model_seconds_median']:.1f} ms (median of {result['repeats']})")
+        return result
 
     if args.suite == "soak":
         steps = args.steps or 2000
@@ -670,7 +700,7 @@ def main(argv=None) -> int:
         if args.command != "export":
             if getattr(args, "cpu_devices", 1) > 1:
                 runtime.split_cpu(args.cpu_devices)
-            task_loop = not (args.command == "bench" and args.estimator == "plain")
+            task_loop = not (args.command == "bench" and (args.estimator == "plain" or args.suite == "litert"))
             runtime.configure_threads(args.intra_op_threads, args.inter_op_threads, task_loop=task_loop)
         result = COMMANDS[args.command](args)
     except NonFiniteMetaStepError as err:

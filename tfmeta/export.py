@@ -228,7 +228,7 @@ def _assert_trailing_shape(tensor, trailing, message):
     return tf.debugging.Assert(ok, [message + "; got shape", shape])
 
 
-def export_adapter(learner, base_dir: str, name: str) -> str:
+def export_adapter(learner, base_dir: str, name: str, *, files: dict[str, bytes] | None = None) -> str:
     """Export a few-shot model that adapts per request inside the serving graph.
 
     ``base_dir/name/<next version>/`` holds a SavedModel with two signatures and ``model.keras``:
@@ -242,6 +242,9 @@ def export_adapter(learner, base_dir: str, name: str) -> str:
     Regression learners use the key ``"predictions"`` instead of ``"logits"``. BatchNorm follows the
     learner's policy (batch statistics by default, as in meta-training). Loading needs only
     TensorFlow: ``tf.saved_model.load(path).signatures["adapt_and_predict"]``.
+
+    `files` (``{file name: bytes}``) are written into the same version before it is renamed into
+    place, e.g. ``model.tflite`` (:func:`tfmeta.export_tflite.export_tflite`).
     """
     _check_finite(learner.meta_values(), "meta-parameter")
     module = _Adapter(learner)
@@ -252,6 +255,9 @@ def export_adapter(learner, base_dir: str, name: str) -> str:
             "adapt_and_predict": module.adapt_and_predict.get_concrete_function(),
         })
         learner.model.save(os.path.join(tmp, "model.keras"))
+        for filename, content in (files or {}).items():
+            with open(os.path.join(tmp, filename), "wb") as f:
+                f.write(content)
 
     return _write_version(base_dir, name, write)
 
