@@ -31,6 +31,10 @@ def test_train_main_job_lowers_held_out_mse_and_exports(tmp_path):
     assert result["steps"] == 600
     assert result["loss_after"] < result["loss_before"]
     assert "held-out MSE" in proc.stdout
+    # the inner loop's effect at the initialization is reported, and the main job does not warn
+    assert result["inner_loop"]["support_loss_drop"] > 0.01 and not result["inner_loop"]["stalled"]
+    assert "inner loop at the initialization: 1 step lowers the support loss by" in proc.stdout
+    assert "InnerLoopWarning" not in proc.stderr
     assert os.path.isfile(os.path.join(result["export"], "saved_model.pb"))
 
     code = cli.main(["evaluate", "--run", str(run), "--episodes", "50", "--json"])

@@ -597,6 +597,16 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
     exported = None
     if not args.no_export and chief:
         exported = export.export_adapter(learner, args.export_dir, f"{config.dataset}_{config.estimator}")
+    effect = trainer.inner_loop_report
+    if effect is not None:
+        change = effect["median_change"]
+        n = effect["inner_steps"]
+        one = n == 1
+        print(f"inner loop at the initialization: {n} step{'' if one else 's'} lower{'s' if one else ''} the "
+              f"support loss by {100 * effect['support_loss_drop']:.1f}%"
+              + (f" and move{'s' if one else ''} the kernels by {100 * change:.0f}% of their norm (median)"
+                 if change is not None else "")
+              + (" - too little, see the warning above" if effect["stalled"] else ""))
     steps, start = int(trainer.step.numpy()), trainer.start_step
     if start >= config.iterations:
         done = f"the run already had {start} of {config.iterations} meta-steps: nothing to train"
@@ -615,7 +625,8 @@ def _train_locked(args, config, run_dir, strategy, chief, train_tasks, test_task
             "replicas": strategy.num_replicas_in_sync,
             "meta_parameters_checksum": float(sum(float(tf.reduce_sum(tf.cast(v, tf.float64)))
                                                   for v in learner.meta_variables)),
-            "final_train_loss": history[-1]["loss"] if history else None, **result}
+            "final_train_loss": history[-1]["loss"] if history else None,
+            "inner_loop": effect, **result}
 
 
 def cmd_evaluate(args) -> dict:

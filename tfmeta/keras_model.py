@@ -101,6 +101,8 @@ class MetaModel(keras.Model):
         #: how many times the meta-step was traced (a retrace after warm-up is a bug: see bench soak).
         self.trace_count = 0
         self._adapt_fns = {}
+        #: the inner loop's effect at the initialization, measured by `fit` at meta-step 0.
+        self.inner_loop_report = None
         self.built = True
 
     # -- Keras plumbing --------------------------------------------------------------------------
@@ -271,13 +273,21 @@ class MetaModel(keras.Model):
 
     # -- data and adaptation ---------------------------------------------------------------------
     def fit(self, x=None, *, epochs=1, steps_per_epoch=None, validation_data=None,
-            validation_steps=None, initial_step: int | None = None, **kwargs):
+            validation_steps=None, initial_step: int | None = None, check_inner_loop: bool = True,
+            **kwargs):
         """Keras `fit` on task batches; a sampler's stream starts at the meta-step reached.
 
         `steps_per_epoch` is required for endless samplers (default 100); `validation_data` may
         be a sampler (then `validation_steps` batches, default 10, the same every epoch).
+        With `check_inner_loop`, a run that starts at meta-step 0 first measures the inner loop's
+        effect at the initialization on the first task batch (`MetaLearner.check_inner_loop`:
+        kept in `inner_loop_report`, an `InnerLoopWarning` when the inner loop barely moves
+        the model).
         """
         start = int(self.meta_step.numpy()) if initial_step is None else initial_step
+        if check_inner_loop and start == 0 and x is not None:
+            first = next(iter(task_dataset(x, start=start)))
+            self.inner_loop_report = self.learner.check_inner_loop(_tasks(first))
         if hasattr(x, "dataset") and steps_per_epoch is None:
             steps_per_epoch = 100
         if validation_data is not None and hasattr(validation_data, "dataset"):

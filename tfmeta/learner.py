@@ -28,11 +28,13 @@ Example (meta-network weighting the inner loss)::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 from tfmeta import _backend  # noqa: F401
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfmeta import inner_loop, inner_optimizers
@@ -91,6 +93,27 @@ def remat_window(remat, steps: int, reuse_window: int = 1):
         units = -(-steps // reuse_window)
         return min(reuse_window * max(1, round(math.sqrt(units))), steps)
     return min(remat, steps)
+
+
+#: Smallest relative drop of the support loss over the T inner steps at the initialization below
+#: which :meth:`MetaLearner.check_inner_loop` warns (measurements: docs/initialization.md).
+INNER_LOOP_MIN_DROP = 0.01
+#: Smallest median relative change ||phi_T - theta|| / ||theta|| of the adapted kernels of a model
+#: with normalization layers below which it warns (docs/initialization.md).
+INNER_LOOP_MIN_CHANGE = 0.3
+
+_NORMALIZATION = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                  keras.layers.GroupNormalization)
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
+
+
+class InnerLoopWarning(UserWarning):
+    """The inner loop barely lowers the support loss at the initialization: MAML will learn slowly."""
 
 
 class MetaParams(NamedTuple):
@@ -269,6 +292,73 @@ class MetaLearner:
         else:
             loss = self.task_loss(outputs, y)
         return loss, self.metrics(outputs, y)
+
+    # -- the inner loop's effect -----------------------------------------------------------------
+    def inner_loop_effect(self, tasks, *, max_tasks: int = 8) -> dict:
+        """How much T inner steps from the current meta-parameters change the loss and the weights.
+
+        On the first `max_tasks` tasks of the batch (first-order adaptation, no outer tape), means
+        over tasks of:
+
+        - ``support_loss_drop``: ``(L_support(theta) - L_support(phi_T)) / L_support(theta)``;
+        - ``relative_change``: per adapted kernel (weights of rank >= 2), ``||phi_T - theta|| /
+          ||theta||``. With BatchNorm after a layer its step scales like lr / ||w||^2, so large
+          kernels show up here even when the head alone still fits the support set.
+        """
+        tasks = tuple(tf.convert_to_tensor(t)[:max_tasks] for t in tasks)
+        self.check_tasks(tasks)
+        trainable = self.model.trainable_variables
+        kernels = [i for i in self.fmodel.adapted if len(trainable[i].shape) >= 2]
+
+        def one(task):
+            sx, sy = task[0], task[1]
+            meta = self.unflatten(self.meta_values())
+            before = self.inner_loss(meta.init, meta, sx, sy)
+            params = self.adapt(meta, sx, sy, second_order=False)
+            after = self.inner_loss(params, meta, sx, sy)
+            drop = (before - after) / tf.maximum(tf.abs(before), tf.cast(1e-12, before.dtype))
+            change = [tf.norm(params[i] - meta.init[i]) / tf.maximum(tf.norm(meta.init[i]), 1e-12)
+                      for i in kernels]
+            return tf.stack([drop] + change)
+
+        rows = tf.function(lambda *t: tf.map_fn(one, t, fn_output_signature=self.dtype))(*tasks)
+        means = tf.reduce_mean(rows, 0).numpy()
+        return {"support_loss_drop": float(means[0]),
+                "relative_change": {trainable[i].path: float(v) for i, v in zip(kernels, means[1:])}}
+
+    def check_inner_loop(self, tasks, *, min_change: float = INNER_LOOP_MIN_CHANGE,
+                         min_drop: float = INNER_LOOP_MIN_DROP) -> dict:
+        """Measure :meth:`inner_loop_effect` and warn (:class:`InnerLoopWarning`) when it is tiny.
+
+        Warns when the support loss drops by less than `min_drop` (any model), or, in a model
+        with normalization layers, when the median relative change of the adapted kernels is
+        below `min_change`: a normalized layer's output depends only on its kernel's direction,
+        so a kernel that moves by a small fraction of its norm barely changes the function.
+        Returns the measurement plus ``inner_steps``, ``median_change`` (None without
+        normalization layers) and ``stalled``.
+        """
+        effect = self.inner_loop_effect(tasks)
+        changes = sorted(effect["relative_change"].values())
+        normalized = any(isinstance(layer, _NORMALIZATION) for layer in _all_layers(self.model))
+        median = float(np.median(changes)) if normalized and changes else None
+        reasons = []
+        if effect["support_loss_drop"] < min_drop:
+            reasons.append(f"the support loss drops by {100 * effect['support_loss_drop']:.1f}% "
+                           f"(below {100 * min_drop:g}%)")
+        if median is not None and median < min_change:
+            reasons.append(f"the adapted kernels move by {100 * median:.1f}% of their norm (median; "
+                           f"below {100 * min_change:g}%)")
+        if reasons:
+            warnings.warn(
+                f"the inner loop barely moves the model at its initialization: over {self.inner_steps} "
+                f"inner steps {' and '.join(reasons)}, so meta-training will learn slowly. Initialize "
+                "the kernels smaller (e.g. keras.initializers.VarianceScaling(1/3, 'fan_in', 'uniform'), "
+                "PyTorch's default, as tfmeta.models.conv4 does), or raise the inner learning rate or "
+                "the inner steps; see the README section 'Initialization'.",
+                InnerLoopWarning, stacklevel=2,
+            )
+        return {**effect, "median_change": median, "inner_steps": self.inner_steps,
+                "stalled": bool(reasons)}
 
     # -- adaptation ------------------------------------------------------------------------------
     def adapt(

@@ -233,6 +233,11 @@ class MetaTrainer:
             raise
         return {k: float(v) for k, v in logs.items()}
 
+    @property
+    def inner_loop_report(self) -> dict | None:
+        """The inner loop's effect at the initialization, measured when a fresh run starts."""
+        return self.meta_model.inner_loop_report
+
     def restore(self, checkpoint: str | None = None) -> int:
         """Restore a checkpoint; returns the meta-step reached (0: nothing to restore).
 
@@ -315,6 +320,7 @@ class MetaTrainer:
         validation_steps: int | None = None,
         steps_per_epoch: int | None = None,
         checkpoint: str | None = None,
+        check_inner_loop: bool = True,
     ) -> list[dict]:
         """Meta-train until `iterations` meta-steps are done (or `time_budget` seconds pass).
 
@@ -323,7 +329,9 @@ class MetaTrainer:
         (validation, epoch logs) end at multiples of `steps_per_epoch` counted from step 0, so a
         resumed run first finishes the epoch it was stopped in. Logs are Keras' running means over
         the current epoch. Returns one log dict per meta-step; `stopped_by_time_budget` says
-        whether `time_budget` ended it early.
+        whether `time_budget` ended it early. A fresh run first measures the inner loop's effect
+        at the initialization (see `MetaModel.fit`; the result is `inner_loop_report`, with an
+        `InnerLoopWarning` when the inner loop barely moves the model).
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations={iterations!r} is not valid: expected an integer >= 1.")
@@ -358,6 +366,7 @@ class MetaTrainer:
                     sampler, epochs=last, initial_epoch=epoch, steps_per_epoch=length, initial_step=step,
                     validation_data=validation_data, validation_steps=validation_steps,
                     verbose=1 if progress else 0, callbacks=callbacks,
+                    check_inner_loop=check_inner_loop,
                 )
                 if int(self.step.numpy()) == step:  # nothing ran (e.g. a callback stopped it at once)
                     break
