@@ -27,7 +27,7 @@ setup(
         "bench": ["matplotlib>=3.8"],
         # `tfmeta export --tflite` runs and tests .tflite models in the LiteRT interpreter.
         "litert": ["ai-edge-litert>=2.3"],
-        "test": ["pytest>=8", "hypothesis>=6", "matplotlib>=3.8", "ai-edge-litert>=2.3"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "matplotlib>=3.8", "ai-edge-litert>=2.3"],
     },
     entry_points={"console_scripts": ["tfmeta=tfmeta.cli:main"]},
 )

@@ -26,66 +26,29 @@ _RUNS = "runs"
 RESUMABLE = ("iterations", "data_dir")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _checked(convert, ok, expected: str):
+    """An argparse type: `convert` the text, then require `ok(value)`; the message says what was
+    expected (one vocabulary for every numeric flag)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _threads(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {text!r}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+_seconds = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a finite number of seconds >= 0")
+_unit_float = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_nonnegative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
+_threads = _checked(lambda t: t if t == "auto" else int(t), lambda v: v == "auto" or v >= 0,
+                    "an integer >= 0 or 'auto'")
 
 
 def _add_runtime_flags(p, distribute=True):
@@ -300,7 +263,7 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
                             "100; cost: every estimator x inner steps, one process each; accuracy: every "
                             "estimator on Omniglot for the same wall-clock budget; litert: size and "
                             "adapt_and_predict latency of the .tflite (head adaptation) against the SavedModel")
-    bench.add_argument("--quick", action="store_true", help="cost suite: a small subset (about 3 minutes)")
+    bench.add_argument("--quick", action="store_true", help="cost suite: a small subset (every estimator once at T = 2, about 2 minutes)")
     bench.add_argument("--plot", default=None, metavar="DIR", help="cost/accuracy suites: write PNG plots to DIR")
     bench.add_argument("--output", default=None, metavar="FILE", help="cost/accuracy suites: write the JSON report to FILE")
     bench.add_argument("--data-dir", default=None, help="accuracy suite: Omniglot's original archives")
