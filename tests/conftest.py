@@ -84,13 +84,3 @@ def small_dense(ways=3, inputs=4, seed=0):
 OMNIGLOT_DIR = os.environ.get("TFMETA_OMNIGLOT_DIR") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "omniglot")
 
-
-#: Test files with the longest runs (subprocess suites, kill -9 resumes, distributed workers), started
-#: first so that pytest-xdist's workers (the README runs `-n 2 --dist loadfile`) do not end on them.
-_LONGEST_FIRST = ("test_suites.py", "test_distribute.py", "test_keras_model.py", "test_fault_matrix.py",
-                  "test_remat.py", "test_autometa.py", "test_export_tflite.py", "test_cli.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
