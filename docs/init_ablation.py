@@ -101,6 +101,9 @@ def main(argv=None):
     p.add_argument("--holdout", required=True, help="Greek .npz from peerbench's omniglot_npz.py")
     p.add_argument("--variant", default="", help=f"comma-separated factors from {FACTORS}, 'all' (PyTorch-like), or '' (Keras defaults)")
     p.add_argument("--steps", default="20,80", help="meta-steps at which held-out accuracy is measured")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="also stop meta-training after this many seconds of meta-steps (held-out evaluations "
+                        "not counted) and evaluate there")
     p.add_argument("--M", type=int, default=32)
     p.add_argument("--T", type=int, default=5)
     p.add_argument("--episodes", type=int, default=200)
@@ -136,17 +139,25 @@ def main(argv=None):
         trainer = MetaTrainer(learner, "maml", opt)
         episodes = holdout_episodes(a.holdout, a.episodes)
         marks = sorted(int(s) for s in a.steps.split(","))
-        began, curve = time.monotonic(), []
-        for step in range(marks[-1]):
+        trained, curve, step = 0.0, [], 0
+        while step < marks[-1] or (a.seconds > 0 and trained < a.seconds):
+            began = time.monotonic()
             logs = trainer.train_step(sampler.sample(step))
             curve.append(round(logs["accuracy"], 3))
-            if step + 1 in marks:
+            trained += time.monotonic() - began
+            step += 1
+            timed_out = a.seconds > 0 and trained >= a.seconds
+            if step in marks or timed_out:
                 acc, ci = holdout_accuracy(learner, episodes)
-                row[f"holdout_{step + 1}"] = [round(float(acc), 1), round(float(ci), 1)]
-                print(f"# step {step + 1}: holdout {acc:.1f} ± {ci:.1f}", file=sys.stderr, flush=True)
+                key = f"holdout_{a.seconds:g}s" if timed_out else f"holdout_{step}"
+                row[key] = [round(float(acc), 1), round(float(ci), 1)]
+                print(f"# step {step} ({trained:.0f} s): holdout {acc:.1f} ± {ci:.1f}", file=sys.stderr, flush=True)
+            if timed_out:
+                row["steps_in_seconds"] = step
+                break
         row["first_step_query_acc"] = curve[0]
         row["train_query_acc"] = curve
-        row["seconds"] = round(time.monotonic() - began, 1)
+        row["seconds"] = round(trained, 1)
     print(json.dumps(row), flush=True)
 
 
