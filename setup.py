@@ -29,5 +29,5 @@ setup(
         "litert": ["ai-edge-litert>=2.3"],
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "matplotlib>=3.8", "ai-edge-litert>=2.3"],
     },
-    entry_points={"console_scripts": ["tfmeta=tfmeta.cli:main"]},
+    entry_points={"console_scripts": ["tfmeta=tfmeta.app.cli:main"]},
 )

@@ -1,7 +1,7 @@
 """Auto-Meta from Python: a small progressive architecture search, then use what it found.
 
 Run: python examples/autometa_search.py --data-dir ../shared/data/omniglot --out /tmp/autometa
-(without --data-dir it searches the synthetic glyph family of tfmeta.autometa.synthetic).
+(without --data-dir it searches the synthetic glyph family of tfmeta.app.autometa.synthetic).
 
 The search meta-trains every 1-block cell with Reptile for --trial-budget meta-steps, scores each
 by 5-way 1-shot accuracy on held-out classes, and grows the best cells one block at a time, the
@@ -16,9 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 import tfmeta  # noqa: F401
-from tfmeta import runtime
-from tfmeta.autometa.search import SearchConfig, make_samplers, run_search
-from tfmeta.autometa.space import Architecture
+from tfmeta.core import runtime
+from tfmeta.app.autometa.search import SearchConfig, make_samplers, run_search
+from tfmeta.app.autometa.space import Architecture
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-dir", default=None)

@@ -1,6 +1,6 @@
 """Hyper-parameter learning by implicit differentiation: per-feature L2 strengths of a regression.
 
-The same piece as the iMAML estimator (tfmeta.implicit, 002_6afe990328515e50.txt) on another
+The same piece as the iMAML estimator (tfmeta.implicit, Rajeswaran et al. 2019) on another
 bilevel problem. Inner problem: weighted ridge regression on a small, noisy training set,
 
     w*(alpha) = argmin_w  mean((X w - y)^2) + sum_j alpha_j w_j^2,

@@ -1,4 +1,4 @@
-"""Meta-transfer learning with the reuse estimator (000_6b55c9a7831360bd.txt, Sec. 2.2, 5.1, Algorithm 1).
+"""Meta-transfer learning with the reuse estimator (Kim et al. 2020, Sec. 2.2, 5.1, Algorithm 1).
 
 A source network is pretrained briefly on Omniglot's train alphabets; a narrower target network
 learns the val alphabet from 5 drawings per class. Every character counts as 4 classes (rotated by
@@ -43,9 +43,11 @@ import tfmeta  # noqa: F401  (selects the TensorFlow backend)
 import keras
 import tensorflow as tf
 
-from tfmeta import estimators, inner_loop, inner_optimizers, runtime
+from tfmeta import estimators, inner_optimizers
+from tfmeta.core import inner_loop
+from tfmeta.core import runtime
 from tfmeta.data.omniglot import load_omniglot
-from tfmeta.learner import MetaLearner
+from tfmeta.core.learner import MetaLearner
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--data-dir", default=None, help="folder with Omniglot's original archives")

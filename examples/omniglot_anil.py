@@ -10,8 +10,9 @@ import argparse
 import keras
 
 import tfmeta
-from tfmeta import data, evaluation, models, runtime
-from tfmeta.learner import MetaLearner
+from tfmeta import data, evaluation, models
+from tfmeta.core import runtime
+from tfmeta.core.learner import MetaLearner
 from tfmeta.training import MetaTrainer
 
 parser = argparse.ArgumentParser()

@@ -8,7 +8,7 @@ import keras
 import tfmeta
 from tfmeta import evaluation, models
 from tfmeta.data import SinusoidTasks
-from tfmeta.learner import MetaLearner
+from tfmeta.core.learner import MetaLearner
 from tfmeta.training import MetaTrainer
 
 keras.utils.set_random_seed(0)

@@ -1,4 +1,4 @@
-"""Auto-Meta (tfmeta.autometa): search space, builder, surrogate, KerasTuner search, `search --quick`."""
+"""Auto-Meta (tfmeta.app.autometa): search space, builder, surrogate, KerasTuner search, `search --quick`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest
 import tfmeta  # noqa: F401
 import tensorflow as tf
 
-from tfmeta import export, models
-from tfmeta.autometa import benchmark, builder, cli, search, space, surrogate
-from tfmeta.autometa.space import OPERATORS, Architecture, Cell
+from tfmeta import export
+from tfmeta.core import models
+from tfmeta.app.autometa import benchmark, builder, cli, search, space, surrogate
+from tfmeta.app.autometa.space import OPERATORS, Architecture, Cell
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras_tuner.src.engine.oracle")
@@ -261,7 +262,7 @@ def test_quick_search_end_to_end_exports_a_model_that_loads(tmp_path):
             else ["--dataset", "synthetic"])
     out = tmp_path / "am"
     proc = subprocess.run(
-        [sys.executable, "-m", "tfmeta.autometa.cli", "search", "--quick", "--operators", "conv3x3",
+        [sys.executable, "-m", "tfmeta.app.autometa.cli", "search", "--quick", "--operators", "conv3x3",
          "--image-size", "16", "--out", str(out), "--json", *data],
         capture_output=True, text=True, timeout=240, cwd=REPO,
     )
@@ -287,7 +288,7 @@ def test_quick_search_end_to_end_exports_a_model_that_loads(tmp_path):
     assert out_logits.shape == (7, 5) and np.all(np.isfinite(out_logits.numpy()))
     keras_model = export.load(os.path.join(result["export"], "model.keras"))
     # model.keras is the plain-Keras copy whose BatchNorm predicts with batch statistics
-    # (tfmeta.plain): the same trainable weights, without the unused running statistics
+    # (tfmeta.core.plain): the same trainable weights, without the unused running statistics
     def trainable(model):
         return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 

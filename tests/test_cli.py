@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tfmeta import cli
+from tfmeta.app import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OMNIGLOT = os.environ.get("TFMETA_OMNIGLOT_DIR", os.path.join(REPO, "..", "shared", "data", "omniglot"))

@@ -12,7 +12,7 @@ import pytest
 
 import tensorflow as tf
 
-from tfmeta import runtime
+from tfmeta.core import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,9 +24,10 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
 import tfmeta
-from tfmeta import estimators, models
+from tfmeta import estimators
+from tfmeta.core import models
 from tfmeta.data import SinusoidTasks
-from tfmeta.keras_model import MetaModel
+from tfmeta.training.keras_model import MetaModel
 
 def one_step(strategy, name):
     with strategy.scope():
@@ -68,10 +69,11 @@ import tensorflow as tf
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
-from tfmeta import inner_optimizers, models
+from tfmeta.core import inner_optimizers, models
 from tfmeta.data import SinusoidTasks
-from tfmeta.estimators.shifting import RoundTasks, Shifting
-from tfmeta.keras_model import MetaModel
+from tfmeta.data.rounds import RoundTasks
+from tfmeta.estimators.shifting import Shifting
+from tfmeta.training.keras_model import MetaModel
 
 tasks = RoundTasks(SinusoidTasks(shots=5, query=10, meta_batch=4), length=6)
 

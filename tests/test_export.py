@@ -13,9 +13,11 @@ import tensorflow as tf
 import keras
 
 from conftest import small_dense
-from tfmeta import bench, export, models
-from tfmeta.keras_model import MetaModel
-from tfmeta.learner import MetaLearner
+from tfmeta import export
+from tfmeta.app import bench
+from tfmeta.core import models
+from tfmeta.training.keras_model import MetaModel
+from tfmeta.core.learner import MetaLearner
 
 FRESH = """
 import sys, numpy as np, tensorflow as tf

@@ -16,8 +16,12 @@ import keras
 
 from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
 
-from tfmeta import cli, export, export_tflite, models
-from tfmeta.learner import MetaLearner
+from tfmeta import export
+from tfmeta.export import savedmodel
+from tfmeta.app import cli
+from tfmeta.export import tflite as export_tflite
+from tfmeta.core import models
+from tfmeta.core.learner import MetaLearner
 
 WAYS, SHOTS = 5, 1
 
@@ -168,7 +172,7 @@ def test_full_profile_lists_the_flex_ops_of_full_conv4_adaptation():
         if "Select TensorFlow op" not in str(err):
             raise
         pytest.skip("this TensorFlow's tf.lite.Interpreter has no Flex delegate (TF 2.21 pip wheels lack it)")
-    module = export._Adapter(learner)
+    module = savedmodel._Adapter(learner)
     expected = module.adapt_and_predict(tf.constant(sx), tf.constant(sy), tf.constant(qx))["logits"].numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 

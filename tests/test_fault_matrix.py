@@ -24,7 +24,8 @@ import tensorflow as tf
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tfmeta import cli, export
+from tfmeta import export
+from tfmeta.app import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the session flags of every run here: a few meta-steps of sinusoid, 2 tasks each
@@ -88,8 +89,8 @@ def _overflowing_trainer(tmp_path, **kwargs):
     (g^2) overflows to inf while the meta-loss and meta-gradient are finite."""
     import keras
 
-    from tfmeta import models
-    from tfmeta.learner import MetaLearner
+    from tfmeta.core import models
+    from tfmeta.core.learner import MetaLearner
     from tfmeta.training import MetaTrainer
 
     scale = tf.Variable(1.0)
@@ -382,8 +383,8 @@ def test_7_serving_graph_refuses_degenerate_input(good_run, case, message):
 def test_7_8_export_refuses_nan_parameters_and_bad_support_and_cleans_stale_tmp(run_copy):
     import keras
 
-    from tfmeta import models
-    from tfmeta.learner import MetaLearner
+    from tfmeta.core import models
+    from tfmeta.core.learner import MetaLearner
 
     _, exported = run_copy
     root = exported / "sinusoid_maml"

@@ -17,8 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINTS = r"""
 import sys, tensorflow as tf
 import tfmeta, keras
-from tfmeta import models
-from tfmeta.learner import MetaLearner
+from tfmeta.core import models
+from tfmeta.core.learner import MetaLearner
 from tfmeta.training import MetaTrainer
 keras.utils.set_random_seed(0)
 learner = MetaLearner(models.mlp(hidden=(1500, 1500)), task="regression")  # ~9 MB per checkpoint
@@ -36,8 +36,9 @@ while True:
 EXPORTS = r"""
 import sys, keras
 import tfmeta
-from tfmeta import export, models
-from tfmeta.learner import MetaLearner
+from tfmeta import export
+from tfmeta.core import models
+from tfmeta.core.learner import MetaLearner
 keras.utils.set_random_seed(0)
 learner = MetaLearner(models.mlp(hidden=(1000, 1000)), task="regression")
 while True:

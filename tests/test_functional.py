@@ -10,8 +10,8 @@ import keras
 
 from conftest import classification_tasks, smooth_conv_bn
 from tfmeta import estimators
-from tfmeta.functional import FunctionalModel, select_adapted
-from tfmeta.learner import MetaLearner
+from tfmeta.core.functional import FunctionalModel, select_adapted
+from tfmeta.core.learner import MetaLearner
 
 
 class Subclassed(keras.Model):

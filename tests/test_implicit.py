@@ -1,4 +1,4 @@
-"""iMAML (002_6afe990328515e50.txt): conjugate gradient, Hessian-vector products, Newton-CG,
+"""iMAML (Rajeswaran et al. 2019): conjugate gradient, Hessian-vector products, Newton-CG,
 implicit root differentiation, and the ``implicit`` estimator against closed forms."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import tensorflow as tf
 import keras
 
 from conftest import classification_tasks, fd_check, small_dense, smooth_conv_bn
-from tfmeta import cli, estimators, implicit
+from tfmeta import estimators, implicit
+from tfmeta.app import cli
 from tfmeta.data import SinusoidTasks
 from tfmeta.estimators.implicit import Implicit, LearnedLambda
-from tfmeta.learner import MetaLearner
+from tfmeta.core.learner import MetaLearner
 from tfmeta.training import MetaTrainer
 
 
@@ -547,7 +548,7 @@ def _flat(grads):
 def test_gd_solver_with_weight_decay_is_differentiated_at_the_decayed_fixed_point(float64):
     """Momentum with weight decay omega converges to grad G + omega phi = 0, so the implicit
     system is lam (H + (lam + omega) I)^-1 v, not lam (H + lam I)^-1 v."""
-    from tfmeta import inner_optimizers
+    from tfmeta.core import inner_optimizers
 
     lam, omega = 2.0, 0.5
     optimizer = inner_optimizers.momentum(0.1, momentum=0.9, weight_decay=omega)

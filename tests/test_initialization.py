@@ -7,8 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from tfmeta import MetaLearner, models
-from tfmeta.learner import InnerLoopWarning
+from tfmeta import MetaLearner
+from tfmeta.core import models
+from tfmeta.core.learner import InnerLoopWarning
 
 
 def _conv_and_dense(model):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmeta import inner_optimizers as io
+from tfmeta.core import inner_optimizers as io
 
 
 def _gradients(steps, shapes, seed=0):
@@ -38,7 +38,7 @@ def test_sgd_matches_numpy():
 
 
 def test_momentum_with_weight_decay_matches_eq5():
-    """v <- mu v + g + omega phi; phi <- phi - eta v (Eq. 5 of 000_6b55c9a7831360bd.txt)."""
+    """v <- mu v + g + omega phi; phi <- phi - eta v (Kim et al. 2020, Eq. 5)."""
     eta, mu, omega = 0.2, 0.9, 0.05
     grads = _gradients(5, SHAPES, seed=1)
     phi = [np.linspace(-1, 1, np.prod(s)).reshape(s) for s in SHAPES]

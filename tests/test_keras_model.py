@@ -15,9 +15,9 @@ import tensorflow as tf
 
 import keras
 
-from tfmeta import models
+from tfmeta.core import models
 from tfmeta.data import SinusoidTasks, make_sampler
-from tfmeta.keras_model import MetaModel
+from tfmeta.training.keras_model import MetaModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OMNIGLOT = os.environ.get("TFMETA_OMNIGLOT_DIR", os.path.join(REPO, "..", "shared", "data", "omniglot"))

@@ -1,4 +1,4 @@
-"""LIL (004_51a19a27816aab9b.txt): linearity metrics PC/AC (Eq. 3-4), phase and pseudo-amplitude
+"""LIL (LIL): linearity metrics PC/AC (Eq. 3-4), phase and pseudo-amplitude
 regularizers (Eq. 7-9), the linearity estimator, PC/AC for any estimator, LIL pre-training."""
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import pytest
 import tensorflow as tf
 
 from conftest import classification_tasks, small_dense, smooth_conv_bn
-from tfmeta import cli, estimators, inner_optimizers, linearity, models
+from tfmeta import estimators
+from tfmeta.app import cli
+from tfmeta.core import inner_optimizers, linearity, models
 from tfmeta.estimators.base import Estimator, Task
 from tfmeta.estimators.linearity import Linearity, LILPretraining
 from tfmeta.estimators.maml import MAML
-from tfmeta.learner import MetaLearner
-from tfmeta.training import MetaTrainer
+from tfmeta.core.learner import MetaLearner
+from tfmeta.training import MetaTrainer, recipes
 
 
 class _ReuseLike(MAML):
@@ -524,7 +526,7 @@ def test_pretraining_lowers_its_phase_loss_then_fomaml_runs(float64):
     assert np.isfinite(last) and last < 0.3 * first, (first, last)
     # the helper: LIL pre-training, then first-order MAML from that initialization
     sampler = _FixedTasks(batch)
-    history = linearity.pretrain(learner, sampler, iterations=2)
+    history = recipes.pretrain(learner, sampler, iterations=2)
     assert len(history) == 2 and np.isfinite(history[-1]["phase_loss"])
     after = MetaTrainer(learner, "fomaml").fit(sampler, iterations=2, progress=False)
     assert len(after) == 2 and np.isfinite(after[-1]["loss"])

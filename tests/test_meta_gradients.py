@@ -9,8 +9,9 @@ import tensorflow as tf
 import keras
 
 from conftest import classification_tasks, fd_check, small_dense, smooth_conv_bn
-from tfmeta import estimators, functional, inner_optimizers
-from tfmeta.learner import MetaLearner
+from tfmeta import estimators
+from tfmeta.core import functional, inner_optimizers
+from tfmeta.core.learner import MetaLearner
 
 
 def _fd_check(learner, tasks, estimator="maml"):
@@ -52,7 +53,7 @@ def test_stock_keras_batchnorm_would_fail_the_check(float64, monkeypatch):
 
 
 def test_meta_sgd_and_meta_network_gradients_match_finite_differences(float64):
-    """Learning rates and a meta-network inside the inner loss (Sec. 2.2, 000_...) get exact gradients."""
+    """Learning rates and a meta-network inside the inner loss (Sec. 2.2, Kim et al. 2020) get exact gradients."""
     keras.utils.set_random_seed(3)
     weigher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="softplus")])
 
@@ -108,7 +109,7 @@ def test_reptile_meta_gradient_is_theta_minus_adapted(float64):
 
 
 def test_task_loop_averages_per_task_meta_gradients(float64):
-    """The in-graph task loop equals the mean of single-task meta-gradients (Eq. 9, 000_...)."""
+    """The in-graph task loop equals the mean of single-task meta-gradients (Eq. 9, Kim et al. 2020)."""
     learner = MetaLearner(small_dense(), inner_lr=0.5, inner_steps=2)
     tasks = classification_tasks(3, 3, 2, 3, (4,))
     est = estimators.get("maml")

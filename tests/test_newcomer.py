@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 
-from tfmeta import cli
+from tfmeta.app import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_help_prints_for_every_command_with_defaults(capsys):
         text = capsys.readouterr().out
         assert text.startswith("usage: tfmeta"), argv
     # every flag that has a default shows it, generated from its one source
-    from tfmeta.config import DATASET_DEFAULTS, RunConfig, TrainOptions
+    from tfmeta.app.config import DATASET_DEFAULTS, RunConfig, TrainOptions
 
     train = commands["train"].format_help()
     assert f"(default: {TrainOptions().time_budget})" in train.replace("\n", " ").replace("  ", " ") or \
@@ -94,7 +94,7 @@ def test_time_budget_stop_is_said_and_resume_is_honest(tmp_path, capsys):
 OFFLINE = r"""
 import json, socket, sys, time
 import tensorflow_datasets  # the install must bring what it imports (importlib_resources)
-from tfmeta import cli
+from tfmeta.app import cli
 
 def offline(*args, **kwargs):
     raise socket.gaierror(-2, "Name or service not known")

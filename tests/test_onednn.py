@@ -15,14 +15,15 @@ import keras
 import tensorflow as tf
 
 from conftest import classification_tasks
-from tfmeta import estimators, runtime
-from tfmeta.functional import FunctionalModel
-from tfmeta.learner import MetaLearner
+from tfmeta import estimators
+from tfmeta.core import runtime
+from tfmeta.core.functional import FunctionalModel
+from tfmeta.core.learner import MetaLearner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
-_REPORT = ("import json, os, tfmeta; from tfmeta import runtime; "
+_REPORT = ("import json, os, tfmeta; from tfmeta.core import runtime; "
            "print(json.dumps([os.environ.get('TF_ENABLE_ONEDNN_OPTS'), runtime.onednn_enabled()]))")
 
 
@@ -57,7 +58,7 @@ def test_import_leaves_the_users_setting_to_tensorflow(value, enabled):
 def test_tensorflow_imported_first_keeps_its_choice_and_tfmeta_works():
     proc = _python(
         "import logging, os; logging.basicConfig(level=logging.DEBUG); import tensorflow as tf; "
-        "import keras, tfmeta, json; from tfmeta import runtime; "
+        "import keras, tfmeta, json; from tfmeta.core import runtime; "
         "m = tfmeta.MetaLearner(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]), task='regression'); "
         "print(json.dumps([os.environ.get('TF_ENABLE_ONEDNN_OPTS'), runtime.onednn_enabled()]))")
     assert proc.returncode == 0, proc.stderr
@@ -197,7 +198,7 @@ def test_strided_pointwise_convolutions_run_unstrided_on_a_subsampled_input():
     ("Process", "ExecutorState", "executor", "outside the task loop, executor"),
 ])
 def test_profile_classifies_ops_by_kind_and_maml_phase(op_type, name, kind, phase):
-    from tfmeta import profiling
+    from tfmeta.app import profiling
 
     assert profiling.op_kind(op_type, name) == kind
     assert profiling.op_phase(name) == phase
@@ -205,7 +206,7 @@ def test_profile_classifies_ops_by_kind_and_maml_phase(op_type, name, kind, phas
 
 def test_profile_breakdown_nests_self_time_and_counts_idle():
     """Self time excludes nested events; idle is the uncovered share of threads x window."""
-    from tfmeta import profiling
+    from tfmeta.app import profiling
 
     trace = {"self_ps": {("Conv2D", "while/body/_1/while/conv2d/Conv2D"): 30,
                          ("Process", "ExecutorState"): 10,
@@ -221,7 +222,7 @@ def test_profile_breakdown_nests_self_time_and_counts_idle():
 def test_profile_reads_self_time_from_a_trace(tmp_path):
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    from tfmeta import profiling
+    from tfmeta.app import profiling
 
     space = xplane_pb2.XSpace()
     plane = space.planes.add(name="/host:CPU")

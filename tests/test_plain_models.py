@@ -16,10 +16,11 @@ import tensorflow as tf
 
 import keras
 
-from tfmeta import export, models
-from tfmeta.keras_model import MetaModel
-from tfmeta.learner import MetaLearner
-from tfmeta.plain import plain_model
+from tfmeta import export
+from tfmeta.core import models
+from tfmeta.training.keras_model import MetaModel
+from tfmeta.core.learner import MetaLearner
+from tfmeta.core.plain import plain_model
 
 FRESH = """
 import sys, numpy as np, keras

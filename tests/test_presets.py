@@ -1,5 +1,5 @@
 """The papers' settings on the command line: --inner-momentum, --inner-weight-decay and --preset
-(tfmeta.presets), checked against the numbers in /work/shared/papers."""
+(tfmeta.app.presets), checked against the numbers in /work/shared/papers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmeta import cli, presets
-from tfmeta.config import build_estimator, build_inner_optimizer, build_learner
+from tfmeta.app import cli, presets
+from tfmeta.app.config import build_estimator, build_inner_optimizer, build_learner
 
 
 def _config(argv):
@@ -28,7 +28,7 @@ def test_inner_momentum_and_weight_decay_reach_the_inner_optimizer():
     assert (config.inner_momentum, config.inner_weight_decay) == (0.5, 0.25)
     opt = build_learner(config).inner_optimizer
     assert opt.weight_decay == 0.25
-    from tfmeta import inner_optimizers
+    from tfmeta.core import inner_optimizers
 
     p = [tf.constant(2.0, tf.float64)]
     state = opt.init(p)

@@ -13,7 +13,7 @@ import keras
 
 from tfmeta import estimators
 from tfmeta.data import EpisodeSampler
-from tfmeta.learner import MetaLearner
+from tfmeta.core.learner import MetaLearner
 from tfmeta.training import MetaTrainer
 
 CLASSES, PER_CLASS, FEATURES = 4, 5, 3

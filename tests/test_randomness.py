@@ -1,5 +1,5 @@
 """Random layers (Dropout) in meta-learning: fresh masks on every call, every inner step and every
-task; reproducible under a seed; exact meta-gradients for the masks drawn (tfmeta.randomness)."""
+task; reproducible under a seed; exact meta-gradients for the masks drawn (tfmeta.core.randomness)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import tensorflow as tf
 import keras
 
 from conftest import classification_tasks, fd_check
-from tfmeta import estimators, inner_loop, inner_optimizers, randomness
-from tfmeta.functional import FunctionalModel
-from tfmeta.keras_model import MetaModel
-from tfmeta.learner import MetaLearner
+from tfmeta import estimators
+from tfmeta.core import inner_loop, inner_optimizers, randomness
+from tfmeta.core.functional import FunctionalModel
+from tfmeta.training.keras_model import MetaModel
+from tfmeta.core.learner import MetaLearner
 
 
 def _dropout_net(seed=0, rate=0.5):

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import OMNIGLOT_DIR
-from tfmeta import cli
+from tfmeta.app import cli
 from tfmeta.data import load_omniglot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,8 +16,9 @@ import tensorflow as tf
 import keras
 
 from conftest import classification_tasks, fd_check, smooth_conv_bn
-from tfmeta import estimators, inner_optimizers
-from tfmeta.learner import MetaLearner, parse_remat, remat_window
+from tfmeta import estimators
+from tfmeta.core import inner_optimizers
+from tfmeta.core.learner import MetaLearner, parse_remat, remat_window
 
 OPTIMIZERS = {
     "sgd": dict(inner_optimizer=inner_optimizers.sgd(0.3)),
@@ -113,7 +114,7 @@ def test_remat_through_the_task_loop_linearity_on_reuse(float64):
 
 
 def test_remat_meta_network_and_frozen_body_get_their_gradients(float64):
-    """A meta-network inside the inner loss (Sec. 2.2, 000_...) and the weights that do not adapt
+    """A meta-network inside the inner loss (Sec. 2.2, Kim et al. 2020) and the weights that do not adapt
     (adapt="head") enter every window as inputs, so they get their gradients through it."""
     keras.utils.set_random_seed(3)
     weigher = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
@@ -184,7 +185,7 @@ def test_reuse_needs_a_remat_window_of_whole_reuse_windows():
      ["--remat", "multiple of the reuse window"]),
 ])
 def test_cli_refuses_bad_remat_before_writing_anything(argv, words, capsys, tmp_path, monkeypatch):
-    from tfmeta import cli
+    from tfmeta.app import cli
 
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv + (["--out", "run"] if argv[0] == "train" else [])) == 2
@@ -196,7 +197,7 @@ def test_cli_refuses_bad_remat_before_writing_anything(argv, words, capsys, tmp_
 def test_remat_recomputes_the_same_dropout_masks(float64):
     """Random layers: each window's recomputation draws the masks its forward pass drew (the seed
     scope folds in the step index, not a counter), so the meta-gradient is unchanged."""
-    from tfmeta import randomness
+    from tfmeta.core import randomness
 
     def model():
         keras.utils.set_random_seed(0)

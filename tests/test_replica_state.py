@@ -1,4 +1,4 @@
-"""tfmeta.replica_state: per-replica task rows checkpoint as global rows and restore exactly.
+"""tfmeta.core.replica_state: per-replica task rows checkpoint as global rows and restore exactly.
 
 The two-replica case (rows split over logical CPU devices, checkpoints moved between strategies)
 runs in a subprocess in tests/test_distribute.py; here the same code paths with one replica.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmeta.replica_state import TaskRows, replica_variable
+from tfmeta.core.replica_state import TaskRows, replica_variable
 
 
 def _rows(strategy):

@@ -1,4 +1,4 @@
-"""The reuse estimator (multi-step estimation, 000_6b55c9a7831360bd.txt) against the paper's identities.
+"""The reuse estimator (multi-step estimation, Kim et al. 2020) against the paper's identities.
 
 (a) SGD: window n with K windows == MAML with learning rate n*eta and K steps (Eq. 14-15);
 (b) momentum: it is not (Eq. 13, Prop. 1); Lemma 1's recursion (Eq. 32-35) gives Appendix C's
@@ -16,13 +16,15 @@ import tensorflow as tf
 import keras
 
 from conftest import classification_tasks, fd_check, small_dense, smooth_conv_bn
-from tfmeta import cli, estimators, inner_optimizers
+from tfmeta import estimators
+from tfmeta.app import cli
+from tfmeta.core import inner_optimizers
 from tfmeta.estimators.base import Task
 from tfmeta.estimators.reuse import (
     Reuse, gradient_difference_observer, momentum_window_coefficients,
     rescaled_one_step_hyperparameters,
 )
-from tfmeta.learner import MetaLearner
+from tfmeta.core.learner import MetaLearner
 from tfmeta.training import MetaTrainer
 
 

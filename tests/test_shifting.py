@@ -1,4 +1,4 @@
-"""Continual trajectory shifting (003_2cbdd90bd1e4b64e.txt): Algorithm 2, Eq. 1, Eq. 2, Sec. 4.1."""
+"""Continual trajectory shifting (Shin et al. 2021): Algorithm 2, Eq. 1, Eq. 2, Sec. 4.1."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ import tensorflow as tf
 import keras
 
 from conftest import classification_tasks, small_dense
-from tfmeta import cli, estimators, inner_optimizers
+from tfmeta import estimators
+from tfmeta.app import cli
+from tfmeta.core import inner_optimizers
 from tfmeta.data import SinusoidTasks, synthetic2d
-from tfmeta.estimators.shifting import (
-    ManyShotTasks, RoundTasks, Shifting, _boolean, approximation_error, continual_shifting,
-)
-from tfmeta.learner import MetaLearner
+from tfmeta.core.checks import parse_boolean as _boolean
+from tfmeta.data.rounds import ManyShotTasks, RoundTasks
+from tfmeta.estimators.shifting import Shifting
+from tfmeta.estimators.shifting_analysis import approximation_error
+from tfmeta.training.recipes import continual_shifting
+from tfmeta.core.learner import MetaLearner
 from tfmeta.training import MetaTrainer
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tfmeta import suites
+from tfmeta.app import suites
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ("seconds_per_step_median", "seconds_per_step_min", "peak_rss_mb", "compile_seconds")

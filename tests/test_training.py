@@ -11,9 +11,10 @@ import tensorflow as tf
 import keras
 
 from conftest import classification_tasks, small_dense
-from tfmeta import evaluation, models
+from tfmeta.training import evaluation
+from tfmeta.core import models
 from tfmeta.data import SinusoidTasks
-from tfmeta.learner import MetaLearner
+from tfmeta.core.learner import MetaLearner
 from tfmeta.training import MetaTrainer, NonFiniteMetaStepError
 
 
@@ -96,7 +97,7 @@ def test_repeated_second_order_steps_on_large_activations():
     """Regression: Grappler's AddN->AccumulateNV2 rewrite leaked a per-step TemporaryVariable in
     the nested while-loop gradient, so the *second* meta-step failed with AlreadyExistsError
     (conv4, 64 filters, 30 ways). tfmeta turns that rewrite off on import."""
-    from tfmeta import bench
+    from tfmeta.app import bench
     keras.utils.set_random_seed(0)
     tasks = tuple(tf.constant(t) for t in bench.random_tasks(1, 30, 1, 15))
     trainer = MetaTrainer(MetaLearner(models.conv4(30), inner_steps=2), "maml")
@@ -139,8 +140,8 @@ def test_same_seed_same_meta_parameters():
 
 
 def test_run_directory_in_use_is_refused(tmp_path):
-    from tfmeta import cli
-    from tfmeta.rundir import RunDirectoryInUse, RunLock
+    from tfmeta.app import cli
+    from tfmeta.app.rundir import RunDirectoryInUse, RunLock
     with RunLock(str(tmp_path / "run")):
         with pytest.raises(RunDirectoryInUse, match="in use by another process"):
             with RunLock(str(tmp_path / "run")):

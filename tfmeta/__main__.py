@@ -2,6 +2,6 @@
 
 import sys
 
-from tfmeta.cli import main
+from tfmeta.app.cli import main
 
 sys.exit(main())

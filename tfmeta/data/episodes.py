@@ -27,6 +27,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from tfmeta.core import checks
+
 __all__ = ["TaskBatch", "EpisodeSampler", "check_positive_int", "check_index", "make_dataset"]
 
 
@@ -56,9 +58,7 @@ def check_positive_int(name: str, value: Any) -> int:
         >>> check_positive_int("shots", 5)
         5
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
-    return int(value)
+    return checks.integer(name, value, 1)
 
 
 def check_index(index: Any, name: str = "index") -> int:
@@ -68,9 +68,7 @@ def check_index(index: Any, name: str = "index") -> int:
         >>> check_index(np.int64(3))
         3
     """
-    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {name}={index!r}")
-    return int(index)
+    return checks.integer(name, index, 0)
 
 
 def make_dataset(

@@ -1,4 +1,4 @@
-"""The 2-D synthetic task family of Sec. 4.1 of 003_2cbdd90bd1e4b64e.txt (continual trajectory shifting).
+"""The 2-D synthetic task family of Shin et al. 2021, Sec. 4.1 (continual trajectory shifting).
 
 The template (Fig. 4a) is Himmelblau's function centred at (5, 5),
 
@@ -32,6 +32,10 @@ Example:
     >>> learner = make_learner(init=(-5.0, 5.0))          # momentum 0.9, alpha 0.05, T = 100
     >>> float(tasks.losses(np.tile([[-5.0, 5.0]], (8, 1))).mean()) > 0
     True
+
+References:
+    Shin, J., Lee, H. B., Gong, B., Hwang, S. J. "Large-Scale Meta-Learning with Continual
+    Trajectory Shifting." ICML 2021. arXiv:2102.07215.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tfmeta import _backend  # noqa: F401
+from tfmeta.core import _backend  # noqa: F401
 
 import keras
 
@@ -148,12 +152,17 @@ def _loss(learner, params, meta, x, y):
     return tf.reduce_mean(task_loss(learner.fmodel(params, x), tf.cast(x, learner.dtype)))
 
 
+#: the paper's inner loop (Shin et al. 2021, Sec. 4.1): SGD with momentum 0.9, alpha = 0.05, 100
+#: inner steps; `tfmeta train --dataset synthetic2d` reads its defaults from here.
+PAPER_INNER_LOOP = dict(inner_optimizer="momentum", inner_lr=0.05, inner_steps=100)
+
+
 def make_learner(
     init=(-5.0, 5.0),
     *,
-    inner_optimizer="momentum",
-    inner_lr: float = 0.05,
-    inner_steps: int = 100,
+    inner_optimizer=PAPER_INNER_LOOP["inner_optimizer"],
+    inner_lr: float | None = PAPER_INNER_LOOP["inner_lr"],
+    inner_steps: int = PAPER_INNER_LOOP["inner_steps"],
     model: keras.Model | None = None,
     dtype=None,
     remat=None,
@@ -169,7 +178,7 @@ def make_learner(
         >>> learner.task
         'regression'
     """
-    from tfmeta.learner import MetaLearner
+    from tfmeta.core.learner import MetaLearner
 
     model = point_model(init, dtype=dtype) if model is None else model
     return MetaLearner(
@@ -184,7 +193,7 @@ class Synthetic2DTasks:
     Task t (t = 0..meta_batch-1) has its centre at (5, 5) + radius (sin 2 pi t/T, cos 2 pi t/T)
     and a rotation angle drawn uniformly from [0, 2 pi) (a pure function of seed and split). Every
     ``sample(index)`` returns the same ``meta_batch`` tasks in the same order, as Algorithm 2 of
-    003_2cbdd90bd1e4b64e.txt needs: task learner t keeps task t. The "val" and "test" splits draw
+    Shin et al. 2021 needs: task learner t keeps task t. The "val" and "test" splits draw
     other rotations around the same centres.
 
     Args:

@@ -4,44 +4,39 @@ An estimator turns the current meta-parameters and a batch of M tasks into a met
 meta-gradients (one tensor per meta-parameter, ordered as `MetaLearner.meta_variables`) and
 metrics, all inside one compiled graph. A subclass implements only
 :meth:`Estimator.task_gradient` for one task; :meth:`Estimator.meta_gradient` runs it for every
-task in a `tf.while_loop` in which each task takes its own tape and adds its meta-gradient to
-accumulators, so nothing is differentiated through the task loop, the graph does not grow with M,
-and memory stays flat in M. The meta-gradient is the mean over tasks (Eq. 9 of
-000_6b55c9a7831360bd.txt).
+task in a `tf.while_loop` (:meth:`Estimator.task_loop`) in which each task takes its own tape and
+adds its meta-gradient to accumulators, so nothing is differentiated through the task loop, the
+graph does not grow with M, and memory stays flat in M. The meta-gradient is the mean over tasks
+(Kim et al. 2020, Eq. 9).
+
+The hooks, for estimators that need more than `task_gradient` (docs/architecture.md):
+
+- `begin_step` / `task_step` / `end_step`: state carried by one meta-step, shared (LIL
+  pre-training's teacher) or one row per task (trajectory shifting's task learners);
+- `task_gradient(..., observer=)`: the linearity metrics ride along the estimator's own adaptation;
+- `prepare_sampler`: the task stream an estimator needs (shifting: the same tasks for a round).
 
 Adding an estimator means one new module with a subclass decorated by :func:`register`.
+
+References:
+    Kim, J.-H., Park, J., Choi, Y. "Multi-step Estimation for Gradient-based Meta-learning."
+    2020. arXiv:2004.05439. Eq. 9 (the meta-gradient as the mean of the task gradients).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, NamedTuple, Sequence
-
 import contextlib
+import inspect
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import tensorflow as tf
 
-from tfmeta import randomness
-from tfmeta.learner import MetaLearner
+from tfmeta.core import checks, linearity, randomness
+from tfmeta.core.learner import MetaLearner
+from tfmeta.core.task import MetaGradient, Task
 
 _REGISTRY: dict[str, type["Estimator"]] = {}
-
-
-class MetaGradient(NamedTuple):
-    """Mean query loss after adaptation, meta-gradients, and mean metrics over the tasks."""
-
-    loss: tf.Tensor
-    grads: list
-    metrics: dict
-
-
-class Task(NamedTuple):
-    """One task's support and query sets (an element of a TaskBatch)."""
-
-    support_x: tf.Tensor
-    support_y: tf.Tensor
-    query_x: tf.Tensor
-    query_y: tf.Tensor
 
 
 class Flag(NamedTuple):
@@ -56,8 +51,42 @@ class Flag(NamedTuple):
     help: str
 
 
+class StepState(NamedTuple):
+    """What one meta-step's task loop carries besides the tasks (:meth:`Estimator.begin_step`).
+
+    shared: anything every task reads (e.g. LIL pre-training's teacher values).
+    rows: per-task tensors, leading dimension M: task i reads ``row[i]`` of each.
+    outputs: one tensor per per-task output of :meth:`Estimator.task_step`, shaped like the
+        stacked output ([M, ...]) and of its dtype; the stacked outputs go to `end_step`.
+    """
+
+    shared: Any = None
+    rows: Sequence = ()
+    outputs: Sequence = ()
+
+
+def _constructor_defaults(cls) -> dict:
+    return {
+        name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
 def register(cls):
-    """Class decorator: make an estimator available by its `name` (CLI `--estimator`)."""
+    """Class decorator: make an estimator available by its `name` (CLI `--estimator`).
+
+    Every :class:`Flag` must name a constructor argument and carry its default (the constructor
+    signature is the one source of an option's default; a mismatch is a TypeError at import).
+    A constructor default of None means "the component's own default", which the flag states.
+    """
+    defaults = _constructor_defaults(cls)
+    for flag in cls.flags:
+        if flag.name not in defaults:
+            raise TypeError(f"{cls.__name__}.flags: flag {flag.name!r} is not a constructor argument "
+                            f"with a default: expected one of {sorted(defaults)}.")
+        if defaults[flag.name] is not None and defaults[flag.name] != flag.default:
+            raise TypeError(f"{cls.__name__}.flags: flag {flag.name!r} has default {flag.default!r}, "
+                            f"the constructor {defaults[flag.name]!r}: expected the same.")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -78,20 +107,42 @@ def get(name: str, **kwargs) -> "Estimator":
 
 
 def all_flags() -> list[Flag]:
-    """Every registered estimator's flags, once each (estimators may share a flag)."""
-    seen: dict[str, Flag] = {}
+    """Every registered estimator's flags, once each.
+
+    Estimators may share a flag only when it means the same: the same type and default. Two
+    estimators declaring one name with another type or default is a ValueError naming both, so an
+    estimator never silently gets another estimator's parser or default for its option.
+    """
+    seen: dict[str, tuple[str, Flag]] = {}
     for name in names():
         for flag in _REGISTRY[name].flags:
-            seen.setdefault(flag.name, flag)
-    return list(seen.values())
+            if flag.name in seen:
+                owner, first = seen[flag.name]
+                if (first.type, first.default) != (flag.type, flag.default):
+                    raise ValueError(
+                        f"flag --{flag.name.replace('_', '-')} is declared by estimators {owner!r} "
+                        f"(type {getattr(first.type, '__name__', first.type)}, default {first.default!r}) and "
+                        f"{name!r} (type {getattr(flag.type, '__name__', flag.type)}, default {flag.default!r}): "
+                        "expected one meaning per flag name; rename one of them."
+                    )
+                continue
+            seen[flag.name] = (name, flag)
+    return [flag for _, flag in seen.values()]
 
 
 def zeros_for_none(grads: Sequence, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, like)]
 
 
+def task_result(loss, grads, metrics, seen=None) -> tuple:
+    """What a task_gradient returns: ``(loss, grads, metrics)``, and `seen` (``(meta, params,
+    accumulator)``, from :meth:`Estimator.observed_params`) as a fourth value when it was given an
+    observer."""
+    return (loss, grads, metrics) if seen is None else (loss, grads, metrics, seen)
+
+
 def random_scope(learner: MetaLearner):
-    """The seed scope of a meta-gradient (see :mod:`tfmeta.randomness`): for a model with random
+    """The seed scope of a meta-gradient (see :mod:`tfmeta.core.randomness`): for a model with random
     layers, the open scope (folded with the replica id) or, when none is open, one seeded from the
     model's generator state; nothing for other models."""
     if not learner.fmodel.random_states:
@@ -108,9 +159,8 @@ class Estimator(abc.ABC):
         parallel_tasks: how many tasks of the task loop may run at once (`parallel_iterations`
             of the `tf.while_loop`). On CPU, two tasks side by side with single-threaded ops beat
             splitting each op over the cores.
-        linearity_metrics: also report "phase_consistency" and "amplitude_consistency" (Eq. 3-4
-            of 004_51a19a27816aab9b.txt) of every task's inner loop (see
-            :func:`tfmeta.linearity.instrument`); settable later as an attribute.
+        linearity_metrics: also report "phase_consistency" and "amplitude_consistency" (LIL, Eq.
+            3-4) of every task's inner loop (see :meth:`measured_task_gradient`).
     """
 
     name: ClassVar[str] = ""
@@ -122,12 +172,8 @@ class Estimator(abc.ABC):
     linearity_metrics: bool = False
 
     def __init__(self, parallel_tasks: int = 2, linearity_metrics: bool = False):
-        if isinstance(parallel_tasks, bool) or not isinstance(parallel_tasks, int) or parallel_tasks < 1:
-            raise ValueError(f"parallel_tasks={parallel_tasks!r} is not valid: expected an integer >= 1.")
-        if not isinstance(linearity_metrics, bool):
-            raise ValueError(f"linearity_metrics={linearity_metrics!r} is not valid: expected True or False.")
-        self.parallel_tasks = parallel_tasks
-        self.linearity_metrics = linearity_metrics
+        self.parallel_tasks = checks.integer("parallel_tasks", parallel_tasks, 1)
+        self.linearity_metrics = checks.boolean("linearity_metrics", linearity_metrics)
 
     @property
     def state(self):
@@ -178,22 +224,40 @@ class Estimator(abc.ABC):
         "phase_consistency" and "amplitude_consistency" when `linearity_metrics` is on."""
         names = tuple(self.metric_names(learner))
         if self.linearity_metrics:
-            from tfmeta import linearity
-
             names += tuple(n for n in linearity.METRIC_NAMES if n not in names)
         return names
+
+    def prepare_sampler(self, sampler):
+        """The task stream this estimator trains from, given the run's training sampler.
+
+        Default: the sampler itself. An estimator whose task loop keeps per-task state across
+        meta-steps (trajectory shifting) returns a sampler that keeps row t's task for as long as
+        that state lives. `tfmeta train` and `tfmeta search` call it; nothing names estimators.
+        """
+        return sampler
 
     def adapted_params(self, learner: MetaLearner, meta, task: Task, observer=None):
         """The task's adapted parameters as this estimator differentiates them.
 
         Second-order estimators keep the inner gradients differentiable; others stop them.
         Estimators that change the inner dynamics (e.g. gradient reuse) override this, and
-        wrappers (e.g. linearity regularizers) call it with an `observer` to get trajectory
-        statistics: then it returns ``(params, accumulator)``.
+        wrappers (e.g. linearity regularizers) and the task step (linearity metrics) call it with
+        an `observer` to get trajectory statistics: then it returns ``(params, accumulator)``.
         """
         return learner.adapt(
             meta, task.support_x, task.support_y, second_order=self.second_order, observer=observer
         )
+
+    def observed_params(self, learner: MetaLearner, meta, task: Task, observer=None):
+        """:meth:`adapted_params` for a task_gradient that takes an `observer`: ``(params, seen)``.
+
+        `seen` is None without an observer, else ``(meta, params, accumulator)``: what
+        task_gradient returns as its fourth value (:func:`task_result`).
+        """
+        if observer is None:
+            return self.adapted_params(learner, meta, task), None
+        params, acc = self.adapted_params(learner, meta, task, observer=observer)
+        return params, (meta, params, acc)
 
     def evaluation_params(self, learner: MetaLearner, meta, task: Task):
         """Adapted parameters used to score a held-out task (no tape, no meta-gradient).
@@ -205,13 +269,122 @@ class Estimator(abc.ABC):
 
     @abc.abstractmethod
     def task_gradient(
-        self, learner: MetaLearner, meta_values: list[tf.Tensor], task: Task
-    ) -> tuple[tf.Tensor, list[tf.Tensor], dict]:
+        self, learner: MetaLearner, meta_values: list[tf.Tensor], task: Task, observer=None
+    ) -> tuple:
         """One task's query loss after adaptation, meta-gradient (aligned with `meta_values`,
-        no None) and metrics (exactly the keys of :meth:`metric_names`)."""
+        no None) and metrics (exactly the keys of :meth:`metric_names`).
+
+        `observer`: None, or an :class:`~tfmeta.core.inner_loop.Observer` (the linearity metrics')
+        that the estimator runs along the adaptation it differentiates, by passing it to
+        :meth:`adapted_params` (combined with its own observer, if any). With one, a fourth value
+        follows: ``(meta, params, accumulator)``, the MetaParams adapted from, the adapted
+        parameters and the observer's accumulator, as ``learner.adapt`` returns an accumulator
+        with an observer. An estimator may leave the argument out: its task step then measures a
+        separate adaptation.
+        """
+        return StepState()
+
+    def task_step(self, learner: MetaLearner, meta_values: list, task: Task, shared, row: list):
+        """One task of the task loop: ``(loss, grads, metrics, outputs)``.
+
+        Default: :meth:`measured_task_gradient` (task_gradient, with the linearity metrics when
+        on) and no outputs. An estimator with per-task state overrides it, reading its row and
+        returning the task's new row as `outputs`.
+        """
+        loss, grads, metrics = self.measured_task_gradient(learner, meta_values, task)
+        return loss, grads, metrics, []
+
+    def end_step(self, learner: MetaLearner, meta_values: list, state: StepState, outputs: list,
+                 after) -> None:
+        """After the task loop: store the stacked per-task `outputs` (default: nothing).
+
+        `after` is the loop's mean loss: assignments made under
+        ``tf.control_dependencies([after])`` run after every task of the step.
+        """
+
+    def measured_task_gradient(self, learner: MetaLearner, meta_values: list, task: Task):
+        """:meth:`task_gradient`, plus PC and AC when `linearity_metrics` is on.
+
+        The linearity metrics come from the very trajectory the estimator differentiates: the
+        task step hands :func:`~tfmeta.core.linearity.metrics_observer` to the estimator's
+        ``task_gradient(..., observer=)``, which runs it along its own inner loop (one extra
+        support gradient for g_S). An estimator whose task_gradient takes no observer, or adapts
+        inside a nested graph, gets one extra first-order adaptation instead; one that reports
+        PC/AC itself is left alone. Nothing is patched: the observer is an argument.
+        """
+        extra = ()
+        if self.linearity_metrics:
+            names = tuple(self.metric_names(learner))
+            extra = tuple(n for n in linearity.METRIC_NAMES if n not in names)
+        if not extra:
+            return self.task_gradient(learner, meta_values, task)
+        seen = None
+        if "observer" in inspect.signature(self.task_gradient).parameters:
+            loss, grads, metrics, seen = self.task_gradient(
+                learner, meta_values, task, observer=linearity.metrics_observer())
+            graph = tf.compat.v1.get_default_graph()
+            if getattr(seen[1][0], "graph", graph) is not graph:
+                seen = None  # adapted inside a nested graph: its tensors are not usable here
+        else:
+            loss, grads, metrics = self.task_gradient(learner, meta_values, task)
+        if seen is None:
+            meta = learner.unflatten([tf.stop_gradient(v) for v in meta_values])
+            params, traj = self.adapted_params(learner, meta, task,
+                                               observer=linearity.metrics_observer())
+            seen = (meta, params, traj)
+        meta, params, traj = seen
+        measured = linearity.consistency(learner, meta, task, params, traj)
+        metrics = dict(metrics)
+        metrics.update({k: measured[k] for k in extra})
+        return loss, grads, metrics
+
+    def task_loop(self, learner: MetaLearner, tasks: Task, meta_values: list,
+                  state: StepState) -> tuple[MetaGradient, list]:
+        """Mean loss, meta-gradient and metrics of :meth:`task_step` over the M tasks, and the
+        stacked per-task outputs.
+
+        A `tf.while_loop` in which each task takes its own tape and adds its meta-gradient to
+        accumulators: nothing is differentiated through the loop, the graph does not grow with M,
+        memory stays flat in M. Rows are read with ``row[i]``; outputs are written to
+        `tf.TensorArray` s. The meta-gradient is the mean over tasks (Kim et al. 2020, Eq. 9).
+        """
+        count = tf.shape(tasks.support_x)[0]
+        dtype = learner.dtype
+        names = self.reported_metric_names(learner)
+
+        def body(i, loss_sum, metric_sums, grad_sums, outputs):
+            task = Task(*(t[i] for t in tasks))
+            row = [r[i] for r in state.rows]
+            with randomness.fold(i):  # random layers: each task its own masks
+                loss, grads, metrics, out = self.task_step(learner, meta_values, task, state.shared, row)
+            return (
+                i + 1,
+                loss_sum + tf.cast(loss, dtype),
+                {k: metric_sums[k] + tf.cast(metrics[k], dtype) for k in names},
+                [a + g for a, g in zip(grad_sums, grads)],
+                [ta.write(i, o) for ta, o in zip(outputs, out)],
+            )
+
+        start = (
+            tf.constant(0),
+            tf.zeros([], dtype),
+            {k: tf.zeros([], dtype) for k in names},
+            [tf.zeros_like(v) for v in meta_values],
+            [tf.TensorArray(x.dtype, size=count, element_shape=x.shape[1:]) for x in state.outputs],
+        )
+        with random_scope(learner):
+            _, loss, metrics, grads, outputs = tf.while_loop(
+                lambda i, *_: i < count, body, start, parallel_iterations=self.parallel_tasks
+            )
+        m = tf.cast(count, dtype)
+        mean = MetaGradient(loss / m, [g / m for g in grads], {k: v / m for k, v in metrics.items()})
+        return mean, [ta.stack() for ta in outputs]
 
     def meta_gradient(self, learner: MetaLearner, tasks, meta_values=None) -> MetaGradient:
         """Mean meta-loss, meta-gradient and metrics over a batch of tasks (in-graph task loop).
+
+        :meth:`begin_step`, :meth:`task_loop` over :meth:`task_step`, :meth:`end_step`: estimators
+        override those hooks, not this method.
 
         Args:
             learner: the MetaLearner.
@@ -221,35 +394,7 @@ class Estimator(abc.ABC):
         self.check_remat(learner)
         meta_values = learner.meta_values() if meta_values is None else list(meta_values)
         tasks = Task(*tasks)
-        count = tf.shape(tasks.support_x)[0]
-        dtype = learner.dtype
-        names = self.reported_metric_names(learner)
-        task_gradient = self.task_gradient
-        if self.linearity_metrics:  # PC and AC from the same inner trajectory
-            from tfmeta import linearity
-
-            task_gradient = linearity.instrument(self, learner)
-
-        def body(i, loss_sum, metric_sums, grad_sums):
-            task = Task(*(t[i] for t in tasks))
-            with randomness.fold(i):  # random layers: each task its own masks
-                loss, grads, metrics = task_gradient(learner, meta_values, task)
-            return (
-                i + 1,
-                loss_sum + tf.cast(loss, dtype),
-                {k: metric_sums[k] + tf.cast(metrics[k], dtype) for k in names},
-                [a + g for a, g in zip(grad_sums, grads)],
-            )
-
-        start = (
-            tf.constant(0),
-            tf.zeros([], dtype),
-            {k: tf.zeros([], dtype) for k in names},
-            [tf.zeros_like(v) for v in meta_values],
-        )
-        with random_scope(learner):
-            _, loss, metrics, grads = tf.while_loop(
-                lambda i, *_: i < count, body, start, parallel_iterations=self.parallel_tasks
-            )
-        m = tf.cast(count, dtype)
-        return MetaGradient(loss / m, [g / m for g in grads], {k: v / m for k, v in metrics.items()})
+        state = self.begin_step(learner, meta_values, tasks)
+        result, outputs = self.task_loop(learner, tasks, meta_values, state)
+        self.end_step(learner, meta_values, state, outputs, result.loss)
+        return result

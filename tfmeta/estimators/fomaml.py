@@ -1,18 +1,28 @@
 """First-order MAML: the Jacobian of the inner loop replaced by the identity.
 
 g_FOMAML = L'_query(phi~), the query-loss gradient at the adapted parameters, used as the gradient
-of the initialization (001_7e396414bca289e5.txt, Sec. 3: "FOMAML treats these gradients as
+of the initialization (Sun's overview, Sec. 3: "FOMAML treats these gradients as
 constants"). The inner loop runs without an outer tape, so it costs about one plain training
 step. Meta-network weights get only the gradient of their direct effect on the query loss.
 With SGD (and momentum without weight decay) this equals MAML with the inner gradients stopped;
 with weight decay it differs, because d phi_{T+1} / d theta is then (1 - eta*omega)^T-like, not I.
+
+References:
+    Finn, C., Abbeel, P., Levine, S. "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+    Networks." ICML 2017. arXiv:1703.03400.
+
+    Nichol, A., Achiam, J., Schulman, J. "On First-Order Meta-Learning Algorithms." 2018.
+    arXiv:1803.02999.
+
+    Sun, J. "Overview of Meta Learning: Learning to Learn." (Sun's overview: MAML, first-order
+    MAML, Reptile, iMAML and Auto-Meta side by side; no arXiv identifier.)
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tfmeta.estimators.base import Estimator, register, zeros_for_none
+from tfmeta.estimators.base import Estimator, register, task_result, zeros_for_none
 
 
 @register
@@ -28,9 +38,9 @@ class FirstOrderMAML(Estimator):
                 "learning rates no gradient. Use estimator='maml'."
             )
 
-    def task_gradient(self, learner, meta_values, task):
+    def task_gradient(self, learner, meta_values, task, observer=None):
         meta = learner.unflatten(meta_values)
-        params = self.adapted_params(learner, meta, task)
+        params, seen = self.observed_params(learner, meta, task, observer)
         params = [tf.stop_gradient(p) for p in params]
         with tf.GradientTape() as tape:
             tape.watch(params)
@@ -38,4 +48,4 @@ class FirstOrderMAML(Estimator):
             loss, metrics = learner.outer_loss(params, meta, task.query_x, task.query_y)
         g_params, g_net = tape.gradient(loss, (params, meta.net))
         grads = list(g_params) + list(g_net)
-        return loss, zeros_for_none(grads, meta_values), metrics
+        return task_result(loss, zeros_for_none(grads, meta_values), metrics, seen)

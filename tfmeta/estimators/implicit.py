@@ -1,4 +1,4 @@
-"""iMAML: implicit meta-gradients of a proximal inner problem (002_6afe990328515e50.txt).
+"""iMAML: implicit meta-gradients of a proximal inner problem (Rajeswaran et al. 2019).
 
 For each task the adapted weights are (approximately) the minimiser of the proximal objective
 
@@ -9,11 +9,11 @@ found by an inner solver that is **never differentiated through**: no tape is op
 nothing of its trajectory is kept and memory does not grow with the number of inner steps.
 
 - ``inner_solver="gd"``: the learner's inner optimizer for T = ``learner.inner_steps`` steps on G
-  from theta (`tfmeta.inner_loop.run` with ``second_order=False``). An inner optimizer with weight
-  decay omega (``momentum(weight_decay=omega)``, Eq. 5 of 000_6b55c9a7831360bd.txt) converges to
+  from theta (`tfmeta.core.inner_loop.run` with ``second_order=False``). An inner optimizer with weight
+  decay omega (``momentum(weight_decay=omega)``, Kim et al. 2020, Eq. 5) converges to
   the zero of grad_phi G + omega phi, the minimiser of G_omega = G + omega/2 ||phi||^2; the
   implicit system below is then that of G_omega (see "Weight decay").
-- ``inner_solver="hessian-free"``: Newton-CG on G (Sec. 4 and Appendix F.2 of 002_...): CG for the
+- ``inner_solver="hessian-free"``: Newton-CG on G (Sec. 4 and Rajeswaran et al. 2019, Appendix F.2): CG for the
   Newton direction with Hessian-vector products of G, backtracking line search on G, repeated
   ``newton_steps`` times (default T; the paper uses 3), ``newton_cg_steps`` CG steps each.
 
@@ -56,6 +56,13 @@ Example:
     >>> est = tfmeta.estimators.get("implicit", lam=2.0, cg_steps=5, inner_solver="hessian-free")
     >>> loss, grads, metrics = est.meta_gradient(learner, task_batch)
     CLI: tfmeta train --estimator implicit --lam 2 --cg-steps 5 --inner-solver hessian-free
+
+References:
+    Rajeswaran, A., Finn, C., Kakade, S. M., Levine, S. "Meta-Learning with Implicit Gradients."
+    NeurIPS 2019. arXiv:1909.04630.
+
+    Kim, J.-H., Park, J., Choi, Y. "Multi-step Estimation for Gradient-based Meta-learning."
+    2020. arXiv:2004.05439.
 """
 
 from __future__ import annotations
@@ -64,14 +71,15 @@ import math
 import numbers
 from typing import Sequence
 
-from tfmeta import _backend  # noqa: F401
+from tfmeta.core import _backend  # noqa: F401
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmeta import implicit, inner_loop
-from tfmeta.estimators.base import Estimator, Flag, register
+from tfmeta import implicit
+from tfmeta.core import checks, inner_loop
+from tfmeta.estimators.base import Estimator, Flag, register, task_result
 
 INNER_SOLVERS = ("gd", "hessian-free")
 #: relative residual at which the meta-gradient CG stops early when no `cg_tol` is given.
@@ -79,17 +87,11 @@ _EARLY_STOP = 1e-10
 
 
 def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise ValueError(f"{name}={value!r} is not valid: expected a finite number > 0.")
-    return float(value)
+    return checks.number(name, value, above=0.0)
 
 
 def _count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not valid: expected an integer >= {minimum}.")
-    return int(value)
+    return checks.integer(name, value, minimum)
 
 
 class LearnedLambda(keras.layers.Layer):
@@ -172,8 +174,9 @@ class Implicit(Estimator):
         newton_steps: int | None = None,
         newton_cg_steps: int = 5,
         parallel_tasks: int = 2,
+        linearity_metrics: bool = False,
     ):
-        super().__init__(parallel_tasks=parallel_tasks)
+        super().__init__(parallel_tasks=parallel_tasks, linearity_metrics=linearity_metrics)
         self._lam_given = lam is not None
         if lam is None:
             lam = 1.0
@@ -326,14 +329,14 @@ class Implicit(Estimator):
 
         return solve
 
-    def task_gradient(self, learner, meta_values, task):
+    def task_gradient(self, learner, meta_values, task, observer=None):
         self.check(learner)
         meta = learner.unflatten(meta_values)
         index = learner.fmodel.adapted
         theta = [tf.stop_gradient(t) for t in meta.init]
         net = [tf.stop_gradient(t) for t in meta.net]
         meta = meta._replace(init=theta, net=net)
-        params = self.adapted_params(learner, meta, task)
+        params, seen = self.observed_params(learner, meta, task, observer)
         phi = [tf.stop_gradient(params[i]) for i in index]
 
         # v = grad_phi L_test(phi) (Algorithm 2, step 4) and the direct partials in theta and net.
@@ -361,4 +364,4 @@ class Implicit(Estimator):
         metrics["inner_grad_norm"] = info.optimality_norm
         if self.cg_steps > 0:
             metrics["cg_residual"] = info.solve.relative_residual
-        return loss, grads, metrics
+        return task_result(loss, grads, metrics, seen)

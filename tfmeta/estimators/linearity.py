@@ -1,7 +1,7 @@
-"""LIL: Linearity in the Inner Loop on top of a MAML-family estimator (004_51a19a27816aab9b.txt).
+"""LIL: Linearity in the Inner Loop on top of a MAML-family estimator (LIL).
 
 The meta-objective of one task is the base estimator's query loss plus LIL's two regularizers
-(Sec. 5 of 004_51a19a27816aab9b.txt; definitions in :mod:`tfmeta.linearity`):
+(LIL, Sec. 5; definitions in :mod:`tfmeta.core.linearity`):
 
     L_query(theta^S) + phase_weight * KL(s(f(x|theta^S)) || s(f(x|theta_hat)))      (Eq. 7-8)
                      + amplitude_weight * sum_k ||theta^{k+1} - theta^k||             (Eq. 9)
@@ -27,19 +27,25 @@ gives 0.1.
 
 The reported ``loss`` is the query loss (comparable with the base estimator's); the metrics add
 ``phase_loss`` and ``amplitude_loss`` (unweighted) and the linearity metrics PC and AC.
+
+References:
+    Anonymous. "Enforcing Zero-Hessian in Meta-Learning" (LIL). Under double-blind review; no
+    arXiv identifier.
 """
 
 from __future__ import annotations
 
-import math
+from tfmeta.core import checks
 
 import tensorflow as tf
 
-from tfmeta import linearity
-from tfmeta.estimators.base import Estimator, Flag, get_class, names, register, zeros_for_none
+from tfmeta.core import linearity
+from tfmeta.estimators.base import (
+    Estimator, Flag, StepState, get_class, names, register, zeros_for_none,
+)
 from tfmeta.estimators.fomaml import FirstOrderMAML
 from tfmeta.estimators.maml import MAML
-from tfmeta.learner import MetaLearner, MetaParams
+from tfmeta.core.learner import MetaLearner, MetaParams
 
 #: estimator classes whose meta-gradient is the gradient of the query loss at ``adapted_params``
 #: (exactly, or with the identity Jacobian of first-order MAML): the bases LIL can wrap.
@@ -57,15 +63,7 @@ def _amplitude_flag(text: str):
 
 
 def _weight(name: str, value) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not valid: expected a number >= 0.")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not valid: expected a number >= 0.") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name}={value!r} is not valid: expected a finite number >= 0.")
-    return value
+    return checks.number(name, value, at_least=0.0, convert=True)
 
 
 def _query_outputs_and_loss(learner: MetaLearner, params, meta, task):
@@ -112,8 +110,9 @@ class Linearity(Estimator):
     )
 
     def __init__(self, base="maml", phase_weight: float = linearity.PHASE_WEIGHT,
-                 amplitude_weight="auto", parallel_tasks: int = 2, **base_options):
-        super().__init__(parallel_tasks=parallel_tasks)
+                 amplitude_weight="auto", parallel_tasks: int = 2,
+                 linearity_metrics: bool = False, **base_options):
+        super().__init__(parallel_tasks=parallel_tasks, linearity_metrics=linearity_metrics)
         accepted = base_names()
         if isinstance(base, Estimator):
             if base_options:
@@ -210,9 +209,9 @@ class Linearity(Estimator):
 
 
 class LILPretraining(Estimator):
-    """LIL pre-training of the initialization (Appendix E of 004_51a19a27816aab9b.txt).
+    """LIL pre-training of the initialization (LIL, Appendix E).
 
-    Not registered: use :func:`tfmeta.linearity.pretrain`. The meta-loss of a task is
+    Not registered: use :func:`tfmeta.core.linearity.pretrain`. The meta-loss of a task is
     ``phase_weight * KL(s(f(x|theta_T^S)) || s(f(x|theta_hat)))`` on the query inputs (no query
     labels): theta_T^S the teacher's adaptation (T inner steps from an exponential moving average
     of the initialization, not differentiated), theta_hat = theta^0 - delta g_0 the student's
@@ -233,8 +232,14 @@ class LILPretraining(Estimator):
     differentiates_inner_loop = False
 
     def __init__(self, phase_weight: float = linearity.PHASE_WEIGHT,
-                 teacher_momentum: float = 0.999, parallel_tasks: int = 2):
-        super().__init__(parallel_tasks=parallel_tasks)
+                 teacher_momentum: float = 0.999, parallel_tasks: int = 2,
+                 linearity_metrics: bool = False):
+        super().__init__(parallel_tasks=parallel_tasks, linearity_metrics=linearity_metrics)
+        if self.linearity_metrics:
+            raise ValueError(
+                "linearity_metrics=True is not available with LIL pre-training: the student takes "
+                "no inner trajectory to measure (only the teacher adapts)."
+            )
         self.phase_weight = _weight("phase_weight", phase_weight)
         momentum = _weight("teacher_momentum", teacher_momentum)
         if momentum >= 1:
@@ -243,7 +248,6 @@ class LILPretraining(Estimator):
             )
         self.teacher_momentum = momentum
         self.teacher = None
-        self._teacher_values = None
 
     def check(self, learner):
         if learner.lr_variables:
@@ -276,23 +280,29 @@ class LILPretraining(Estimator):
                 ]
         return self.teacher
 
-    def meta_gradient(self, learner, tasks, meta_values=None):
-        meta_values = learner.meta_values() if meta_values is None else list(meta_values)
+    def begin_step(self, learner, meta_values, tasks) -> StepState:
+        """Move the teacher once per meta-step (teacher <- m teacher + (1 - m) theta); every task
+        of the step reads the moved teacher (the step's shared state)."""
         init = learner.unflatten(meta_values).init
         m = self.teacher_momentum
         teacher = self._teacher_variables(learner)
         for t, v in zip(teacher, init):
             t.assign(m * t + (1 - m) * tf.stop_gradient(v))
-        self._teacher_values = [tf.convert_to_tensor(t) for t in teacher]
-        try:
-            return super().meta_gradient(learner, tasks, meta_values)
-        finally:
-            self._teacher_values = None
+        return StepState(shared=[tf.convert_to_tensor(t) for t in teacher])
+
+    def task_step(self, learner, meta_values, task, shared, row):
+        loss, grads, metrics = self._task_gradient(learner, meta_values, task, shared)
+        return loss, grads, metrics, []
 
     def task_gradient(self, learner, meta_values, task):
+        """One task's phase-loss gradient against the teacher as it stands (no EMA move)."""
+        teacher = [tf.convert_to_tensor(t) for t in self._teacher_variables(learner)]
+        return self._task_gradient(learner, meta_values, task, teacher)
+
+    def _task_gradient(self, learner, meta_values, task, teacher):
         adapted = learner.fmodel.adapted
         stopped = learner.unflatten([tf.stop_gradient(v) for v in meta_values])
-        teacher_meta = MetaParams(list(self._teacher_values), stopped.lr, stopped.net)
+        teacher_meta = MetaParams(list(teacher), stopped.lr, stopped.net)
         teacher_params, traj = learner.adapt(
             teacher_meta, task.support_x, task.support_y, second_order=False,
             observer=linearity.observer(keep_first_gradient=False, differentiable=False))

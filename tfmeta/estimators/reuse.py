@@ -1,6 +1,6 @@
 """Multi-step estimation: one task gradient reused over a window of n inner steps.
 
-The estimator of Kim, Park and Choi (000_6b55c9a7831360bd.txt, Sec. 3). The inner trajectory of
+The estimator of Kim, Park and Choi (Kim et al. 2020, Sec. 3). The inner trajectory of
 T = K*n steps is cut into K non-overlapping windows of n steps; the task gradient is evaluated once,
 at the start of each window, and reused for the n optimizer steps of that window (the estimated
 dynamics s_{t+n} = Phi^n_t(s_t; theta) of Eq. 11, Algorithm 1). The meta-gradient is taken
@@ -27,6 +27,10 @@ Example:
     >>> est = tfmeta.estimators.get("reuse", reuse_window=4)   # CLI: --estimator reuse --reuse-window 4
     >>> loss, grads, metrics = est.meta_gradient(learner, task_batch)
     >>> metrics["grad_difference"]
+
+References:
+    Kim, J.-H., Park, J., Choi, Y. "Multi-step Estimation for Gradient-based Meta-learning."
+    2020. arXiv:2004.05439.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from tfmeta import inner_loop
+from tfmeta.core import inner_loop
+from tfmeta.core.inner_loop import combine
 from tfmeta.estimators.base import Flag, register, zeros_for_none
 from tfmeta.estimators.maml import MAML
 
@@ -78,7 +83,7 @@ def _real(name: str, value, *, positive: bool = False) -> float:
 def momentum_window_coefficients(
     steps: int, *, momentum: float, weight_decay: float, learning_rate: float
 ) -> MomentumCoefficients:
-    """Lemma 1 of 000_6b55c9a7831360bd.txt (Eq. 32-35): SGD with momentum under a fixed gradient.
+    """Kim et al. 2020, Lemma 1 (Eq. 32-35): SGD with momentum under a fixed gradient.
 
     With g_t = g for all t, the momentum dynamics of Eq. 5 (v_{t+1} = mu v_t + g + omega phi_t,
     phi_{t+1} = phi_t - eta v_{t+1}) keep v_t and phi_t linear in g, phi_1 (and v_1):
@@ -129,7 +134,7 @@ def momentum_window_coefficients(
 def rescaled_one_step_hyperparameters(
     *, momentum: float, weight_decay: float, learning_rate: float
 ) -> tuple[float, float, float]:
-    """(eta~, omega~, mu~) of Eq. 52-54, 000_6b55c9a7831360bd.txt (proof of Proposition 1).
+    """(eta~, omega~, mu~) of Eq. 52-54, Kim et al. 2020 (proof of Proposition 1).
 
     The only one-step momentum hyper-parameters whose iterates phi~_2 and phi~_3 match phi_3 and
     phi_5 of the 2-step estimate under a constant gradient:
@@ -160,7 +165,7 @@ def rescaled_one_step_hyperparameters(
 
 # -- the gradient-difference metric of Fig. 1 ------------------------------------------------------
 def gradient_difference_observer(window: int) -> inner_loop.Observer:
-    """An :class:`~tfmeta.inner_loop.Observer` for Fig. 1 of 000_6b55c9a7831360bd.txt.
+    """An :class:`~tfmeta.core.inner_loop.Observer` for Kim et al. 2020, Fig. 1.
 
     Accumulates ||g' - g|| / ||g'|| (global norms over all adapted tensors) over consecutive
     evaluated gradients g, g' of a trajectory run with ``reuse_window=window``: a gradient is
@@ -211,7 +216,7 @@ def _check_window(reuse_window) -> int:
 
 @register
 class Reuse(MAML):
-    """Multi-step estimated meta-gradient (Eq. 11-12 of 000_6b55c9a7831360bd.txt, Algorithm 1).
+    """Multi-step estimated meta-gradient (Kim et al. 2020, Eq. 11-12, Algorithm 1).
 
     The meta-gradient of one task is d L_query(phi_{T+1}) / d theta through the estimated
     dynamics: each window of `reuse_window` = n inner steps evaluates the task gradient once and
@@ -275,15 +280,19 @@ class Reuse(MAML):
             reuse_window=self.reuse_window, observer=observer,
         )
 
-    def task_gradient(self, learner, meta_values, task):
+    def task_gradient(self, learner, meta_values, task, observer=None):
+        own = gradient_difference_observer(self.reuse_window)
         with tf.GradientTape() as tape:
             tape.watch(meta_values)
             meta = learner.unflatten(meta_values)
             params, acc = self.adapted_params(
-                learner, meta, task, observer=gradient_difference_observer(self.reuse_window)
+                learner, meta, task, observer=own if observer is None else combine(own, observer)
             )
+            if observer is not None:
+                acc, seen = acc
             loss, metrics = learner.outer_loss(params, meta, task.query_x, task.query_y)
         grads = tape.gradient(loss, meta_values)
         metrics = dict(metrics)
         metrics[GRAD_DIFFERENCE] = mean_gradient_difference(acc)
-        return loss, zeros_for_none(grads, meta_values), metrics
+        result = loss, zeros_for_none(grads, meta_values), metrics
+        return result if observer is None else (*result, (meta, params, seen))

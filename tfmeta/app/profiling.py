@@ -1,0 +1,200 @@
+"""Where the time of one meta-step goes: TensorFlow profiler trace, broken down by op and phase.
+
+``python -m tfmeta.app.profiling --meta-batch 8 --inner-steps 5 --json`` runs `tfmeta bench`'s standard
+configuration (conv4 on random 28x28 inputs, N-way K-shot, Q query images per class), warms it up,
+traces one meta-step with ``tf.profiler`` and reads the trace (XSpace) back: the self time of every
+op on TensorFlow's compute threads, grouped
+
+- by kind: convolution forward / backprop-input / backprop-filter, BatchNorm (fused ops and the
+  element-wise ops of the exact moments), max-pool and its gradients, while-loop accumulators
+  (TensorList push/pop), executor bookkeeping, other element-wise ops;
+- by phase of the MAML step (from the op's name scope): inner-loop forward and backward passes on
+  the support set, query forward and backward, and the backward pass through the inner loop (the
+  second-order part: derivatives of the inner gradient ops, e.g. a Conv2D that differentiates a
+  Conv2DBackpropFilter);
+
+and the idle fraction of the compute threads over the traced window. Fractions are meaningful on a
+loaded machine; seconds are not (a preempted op's time counts as its own). See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import tempfile
+import time
+
+from tfmeta.core import _backend  # noqa: F401
+
+KINDS = ("conv forward", "conv backprop input", "conv backprop filter", "batchnorm", "max-pool",
+         "max-pool grad", "max-pool grad-grad", "accumulators", "executor", "other")
+PHASES = ("inner forward", "inner backward", "query forward", "query backward",
+          "through inner loop: 2nd-order", "through inner loop: other", "outside the task loop, executor")
+
+
+def op_kind(op_type: str, name: str) -> str:
+    """The kind (one of KINDS) of an op from its type (``_MklNative...`` prefixes ignored) and name."""
+    base = op_type
+    for prefix in ("_MklNative", "_Mkl", "_"):  # oneDNN's ops, and Eigen's fused ones (_FusedConv2D)
+        if base.startswith(prefix):
+            base = base[len(prefix):]
+            break
+    if base.startswith("Conv2DBackpropFilter") or base.startswith("DepthwiseConv2dNativeBackpropFilter"):
+        return "conv backprop filter"
+    if base.startswith("Conv2DBackpropInput") or base.startswith("DepthwiseConv2dNativeBackpropInput"):
+        return "conv backprop input"
+    if base in ("Conv2D", "FusedConv2D", "DepthwiseConv2dNative", "FusedDepthwiseConv2dNative"):
+        return "conv forward"
+    if base.startswith("FusedBatchNorm") or "batch_normalization" in name:
+        return "batchnorm"
+    if base == "MaxPoolGradGrad":
+        return "max-pool grad-grad"
+    if base == "MaxPoolGrad":
+        return "max-pool grad"
+    if base == "MaxPool":
+        return "max-pool"
+    if base.startswith("TensorList") or base.startswith("Stack"):
+        return "accumulators"
+    if base in ("Process", "ExecutorState", "ExecutorDoneCallback"):
+        return "executor"
+    return "other"
+
+
+def op_phase(name: str) -> str:
+    """The phase (one of PHASES) of a MAML meta-step op from its name scope in tfmeta's graph."""
+    if "while_grad" in name:
+        return "through inner loop: 2nd-order" if "/gradients/gradient_tape/" in name else "through inner loop: other"
+    if "/while/while/body/" in name:
+        return "inner backward" if "/gradient_tape/" in name.split("/while/while/body/", 1)[1] else "inner forward"
+    if name.startswith("while/body/"):
+        return "query backward" if "/gradient_tape/" in name else "query forward"
+    return "outside the task loop, executor"
+
+
+def read_trace(path: str) -> dict:
+    """Self time (ps) per (op type, op name) on the compute threads of an XSpace file, the busy
+    time per thread and the traced window (ps)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    plane = next(p for p in space.planes if p.name == "/host:CPU")
+    self_ps: collections.Counter = collections.Counter()
+    busy, first, last = {}, None, None
+    for line in plane.lines:
+        if "Compute" not in line.name:  # TensorFlow's inter-op threads run the ops
+            continue
+        events = sorted(((line.timestamp_ns * 1000 + e.offset_ps, e.duration_ps,
+                          plane.event_metadata[e.metadata_id].name) for e in line.events),
+                        key=lambda t: (t[0], -t[1]))
+        stack, covered = [], 0
+        for start, duration, label in events + [(float("inf"), 0, "")]:
+            while stack and stack[-1][0] <= start:
+                end, item, children, total = stack.pop()
+                self_ps[item] += total - children
+            if start == float("inf"):
+                break
+            if stack:
+                stack[-1][2] += duration
+            else:
+                covered += duration
+            name, _, op_type = label.rpartition(":")
+            stack.append([start + duration, (op_type or name, name), 0, duration])
+            first = start if first is None else min(first, start)
+            last = start + duration if last is None else max(last, start + duration)
+        busy[line.name] = covered
+    return {"self_ps": self_ps, "busy_ps": busy, "window_ps": (last - first) if busy else 0}
+
+
+def breakdown(trace: dict) -> dict:
+    """Fractions of the compute threads' time over the window, by kind, by phase and both."""
+    threads = max(len(trace["busy_ps"]), 1)
+    total = trace["window_ps"] * threads or 1
+    kinds, phases, table = collections.Counter(), collections.Counter(), collections.Counter()
+    for (op_type, name), ps in trace["self_ps"].items():
+        kind, phase = op_kind(op_type, name), op_phase(name)
+        kinds[kind] += ps
+        phases[phase] += ps
+        table[f"{phase} | {kind}"] += ps
+    idle = 1.0 - sum(trace["busy_ps"].values()) / total
+    return {
+        "window_seconds": trace["window_ps"] / 1e12,
+        "threads": threads,
+        "idle": idle,
+        "by_kind": {k: kinds[k] / total for k in KINDS},
+        "by_phase": {p: phases[p] / total for p in PHASES},
+        "by_phase_and_kind": {k: v / total for k, v in table.most_common() if v / total >= 0.005},
+    }
+
+
+def profile_meta_step(*, estimator: str = "maml", ways: int = 5, shots: int = 1, query: int = 15,
+                      meta_batch: int = 8, inner_steps: int = 5, filters: int = 64, warmup: int = 2,
+                      logdir: str | None = None) -> dict:
+    """Trace one meta-step of `tfmeta bench`'s configuration after `warmup` steps; returns the
+    breakdown (see :func:`breakdown`) with the machine it ran on."""
+    import keras
+    import tensorflow as tf
+
+    from tfmeta import estimators
+    from tfmeta.app import bench
+    from tfmeta.core import models
+    from tfmeta.core import runtime
+    from tfmeta.core.learner import MetaLearner
+    from tfmeta.training import MetaTrainer
+
+    tasks = tuple(tf.constant(t) for t in bench.random_tasks(meta_batch, ways, shots, query))
+    keras.utils.set_random_seed(0)
+    learner = MetaLearner(models.conv4(ways, filters=filters), inner_lr=0.4, inner_steps=inner_steps)
+    trainer = MetaTrainer(learner, estimators.get(estimator), keras.optimizers.Adam(1e-3))
+    for _ in range(warmup):
+        float(trainer.train_step(tasks)["loss"])
+    logdir = logdir or tempfile.mkdtemp(prefix="tfmeta-profile-")
+    tf.profiler.experimental.start(logdir)
+    began = time.perf_counter()
+    float(trainer.train_step(tasks)["loss"])
+    seconds = time.perf_counter() - began
+    tf.profiler.experimental.stop()
+    path = max(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    result = breakdown(read_trace(path))
+    result.update({"estimator": estimator, "ways": ways, "shots": shots, "query": query,
+                   "meta_batch": meta_batch, "inner_steps": inner_steps, "filters": filters,
+                   "step_seconds": seconds, "trace": path, "machine": runtime.machine()})
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tfmeta.app.profiling", description=__doc__.splitlines()[0])
+    parser.add_argument("--estimator", default="maml")
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--query", type=int, default=15)
+    parser.add_argument("--meta-batch", type=int, default=8)
+    parser.add_argument("--inner-steps", type=int, default=5)
+    parser.add_argument("--filters", type=int, default=64)
+    parser.add_argument("--logdir", default=None, help="where the trace goes (TensorBoard's profile plugin reads it)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = parser.parse_args(argv)
+    from tfmeta.core import runtime
+
+    runtime.configure_threads("auto", "auto")
+    result = profile_meta_step(estimator=args.estimator, ways=args.ways, shots=args.shots, query=args.query,
+                               meta_batch=args.meta_batch, inner_steps=args.inner_steps,
+                               filters=args.filters, logdir=args.logdir)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"one meta-step traced over {result['window_seconds']:.2f} s x {result['threads']} threads, "
+          f"idle {100 * result['idle']:.1f}%")
+    for title, key in (("kind", "by_kind"), ("phase", "by_phase"), ("phase | kind", "by_phase_and_kind")):
+        print(f"-- by {title}")
+        for name, share in sorted(result[key].items(), key=lambda kv: -kv[1]):
+            print(f"{name:>50s} {100 * share:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
