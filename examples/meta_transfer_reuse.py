@@ -44,8 +44,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta import estimators, inner_optimizers
-from tfmeta.core import inner_loop
-from tfmeta.core import runtime
+from tfmeta.core import inner_loop, runtime
 from tfmeta.data.omniglot import load_omniglot
 from tfmeta.core.learner import MetaLearner
 

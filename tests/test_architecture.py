@@ -160,7 +160,7 @@ def test_the_checks_see_function_local_upward_imports_and_cycles(tmp_path):
     graph = import_graph(package)
     assert upward_imports(graph) == [
         "tfmeta.core.learner (core) line 2 imports tfmeta.training.trainer (training)"]
-    assert cycles(graph) == [["tfmeta.core.a", "tfmeta.core.b"],
+    assert sorted(cycles(graph)) == [["tfmeta.core.a", "tfmeta.core.b"],
                              ["tfmeta.core.learner", "tfmeta.training.trainer"]]
     with pytest.raises(ValueError, match="tfmeta.loose is in no layer"):
         layer_of("tfmeta.loose")

@@ -22,8 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta import estimators
-from tfmeta.core import models
-from tfmeta.core import runtime
+from tfmeta.core import models, runtime
 from tfmeta.core.learner import MetaLearner, parse_remat, remat_window
 from tfmeta.training import MetaTrainer
 

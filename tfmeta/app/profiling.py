@@ -141,8 +141,7 @@ def profile_meta_step(*, estimator: str = "maml", ways: int = 5, shots: int = 1,
 
     from tfmeta import estimators
     from tfmeta.app import bench
-    from tfmeta.core import models
-    from tfmeta.core import runtime
+    from tfmeta.core import models, runtime
     from tfmeta.core.learner import MetaLearner
     from tfmeta.training import MetaTrainer
 

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import numpy as np

@@ -282,6 +282,17 @@ class Estimator(abc.ABC):
         with an observer. An estimator may leave the argument out: its task step then measures a
         separate adaptation.
         """
+
+    # -- the task loop, and the hooks of estimators with per-meta-step or per-task state ---------
+    def begin_step(self, learner: MetaLearner, meta_values: list, tasks: Task) -> StepState:
+        """What the task loop of one meta-step carries besides the tasks (default: nothing).
+
+        Called once per :meth:`meta_gradient`, before the task loop. Returns a :class:`StepState`:
+        ``shared`` is handed to every :meth:`task_step` (e.g. LIL pre-training's teacher),
+        ``rows`` are per-task tensors with a leading dimension M (task i reads row i), and
+        ``outputs`` describes (by a tensor of the same dtype and shape) each per-task output
+        :meth:`task_step` returns; the stacked outputs go to :meth:`end_step`.
+        """
         return StepState()
 
     def task_step(self, learner: MetaLearner, meta_values: list, task: Task, shared, row: list):

@@ -67,8 +67,6 @@ References:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Sequence
 
 from tfmeta.core import _backend  # noqa: F401

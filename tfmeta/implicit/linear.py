@@ -27,7 +27,6 @@ import numbers
 import warnings
 from typing import Callable, NamedTuple, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 Tensors = Sequence[tf.Tensor]

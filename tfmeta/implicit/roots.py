@@ -34,15 +34,16 @@ References:
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
+from tfmeta.core import checks
+
 from tfmeta.implicit.linear import (
-    _ZERO, CGInfo, ConvergenceWarning, _as_list, _axpy, _check_nonnegative, _check_steps, _dot,
-    _norm, check_finite, conjugate_gradient, hessian_operator, hvp,
+    _ZERO, _as_list, _axpy, _check_nonnegative, _check_steps, _dot, _norm, check_finite,
+    conjugate_gradient, hessian_operator,
 )
 
 
@@ -98,8 +99,7 @@ def newton_cg(
         ...               steps=8)[0]           # -> log 2 in every coordinate
     """
     _check_steps("steps", steps)
-    if isinstance(cg_steps, bool) or not isinstance(cg_steps, numbers.Integral) or cg_steps < 1:
-        raise ValueError(f"cg_steps={cg_steps!r} is not valid: expected an integer >= 1.")
+    checks.integer("cg_steps", cg_steps, 1)
     _check_steps("line_search_steps", line_search_steps)
     _check_nonnegative("cg_tol", cg_tol)
     if not 0.0 < float(armijo) < 1.0:

@@ -15,7 +15,7 @@ import time
 import keras_tuner as kt
 import numpy as np
 
-from tfmeta.app.autometa.space import OPERATORS, Cell, initial_cells, planned_trials
+from tfmeta.app.autometa.space import OPERATORS, Cell, check_operators, initial_cells, planned_trials
 from tfmeta.app.autometa.surrogate import Surrogate, cross_validated_spearman, spearman
 
 OBJECTIVE = "val_accuracy"

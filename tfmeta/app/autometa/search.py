@@ -44,9 +44,7 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -62,7 +60,7 @@ from keras_tuner.engine.base_tuner import BaseTuner
 from tfmeta import estimators
 from tfmeta.app.autometa.config import DATASETS, SearchConfig, make_samplers
 from tfmeta.app.autometa.oracle import OBJECTIVE, ProgressiveOracle, _TrialStatus, search_space
-from tfmeta.app.autometa.space import Architecture
+from tfmeta.app.autometa.space import Architecture, Cell
 from tfmeta.core.files import write_json
 
 __all__ = ["DATASETS", "OBJECTIVE", "SearchConfig", "make_samplers", "search_space", "ProgressiveOracle",
