@@ -1,6 +1,7 @@
 """The application layer: the `tfmeta` command line and what only it needs.
 
-- :mod:`tfmeta.app.cli`: ``tfmeta train | evaluate | export | bench | search``;
+- :mod:`tfmeta.app.cli`: ``tfmeta train | evaluate | export | bench | search`` (dispatch), with
+  :mod:`tfmeta.app.parser` (the flags) and :mod:`tfmeta.app.commands` (what they do);
 - :mod:`tfmeta.app.flags`: flags shared by the subcommands (estimator options derived from the
   estimators' constructors);
 - :mod:`tfmeta.app.config`: ``RunConfig``, the one source of a run's defaults, and the builders

@@ -10,7 +10,7 @@ score so far). Running the same command again on the same ``--out`` resumes an i
 (KerasTuner's project directory ``<out>/tuner``); a different search there is refused. With
 ``--json`` the last line of stdout is the result (see :func:`tfmeta.app.autometa.search.run_search`).
 
-`tfmeta/app/cli.py` hooks this in with :func:`add_parser` and :func:`run`; ``python -m
+`tfmeta/app/parser.py` and `tfmeta/app/commands.py` hook this in with :func:`add_parser` and :func:`run`; ``python -m
 tfmeta.app.autometa.cli search ...`` runs it on its own.
 """
 
