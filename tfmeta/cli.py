@@ -284,6 +284,9 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--parallel-tasks", type=_positive_int, default=2,
                        help="tasks of the task loop that may run at once")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--tflite-profile", default=DEFAULT_PROFILE, choices=list(PROFILES),
+                       help="litert suite: builtin (head adaptation, LiteRT interpreter) or full (every layer, Flex; "
+                            "timed in $TFMETA_FLEX_PYTHON's tf.lite.Interpreter when set)")
     _add_remat_flag(bench)
     _add_estimator_flags(bench)
     _add_runtime_flags(bench)
@@ -664,11 +667,16 @@ def cmd_bench(args) -> dict:
         from tfmeta import export_tflite
 
         result = export_tflite.benchmark(ways=args.ways, shots=args.shots, query=args.query, filters=args.filters,
-                                         inner_steps=args.inner_steps, repeats=args.steps or 20, seed=args.seed)
+                                         inner_steps=args.inner_steps, repeats=args.steps or 20, seed=args.seed,
+                                         profile=args.tflite_profile,
+                                         flex_python=os.environ.get(export_tflite.FLEX_PYTHON_ENV) or None)
         if not args.json:
-            print(f"litert: model.tflite {result['tflite_bytes'] / 1024:.1f} KiB; adapt_and_predict "
-                  f"{args.ways}-way {args.shots}-shot, {result['query']} query: LiteRT "
-                  f"{1000 * result['litert_seconds_median']:.1f} ms, SavedModel "
+            lite = result["litert_seconds_median"]
+            lite = (f"{1000 * lite:.1f} ms ({result['litert_runtime']})" if lite is not None else
+                    f"not run ({result['litert_error']}; set {export_tflite.FLEX_PYTHON_ENV})")
+            print(f"litert ({result['profile']} profile, adapt={result['adapt']}): model.tflite "
+                  f"{result['tflite_bytes'] / 1024:.1f} KiB, Flex ops {result['flex_ops'] or 'none'}; adapt_and_predict "
+                  f"{args.ways}-way {args.shots}-shot, {result['query']} query: LiteRT {lite}, SavedModel "
                   f"{1000 * result['saved_model_seconds_median']:.1f} ms (median of {result['repeats']})")
         return result
 
