@@ -112,7 +112,8 @@ def adam_epsilon_effect(opt):
     v = np.concatenate([np.ravel(v.numpy()) for v in opt._velocities]) / (1 - opt.beta_2 ** t)
     s = np.sqrt(v)
     ratio = (s + 1e-7) / (s + 1e-8) - 1
-    return {"median_sqrt_v": float(np.median(s)), "min_sqrt_v": float(s.min()),
+    by_variable = {v.name: float(np.median(np.sqrt(v.numpy() / (1 - opt.beta_2 ** t)))) for v in opt._velocities}
+    return {"median_sqrt_v_by_variable": by_variable, "median_sqrt_v": float(np.median(s)), "min_sqrt_v": float(s.min()),
             "share_differing_over_1pct": float((ratio > 0.01).mean()),
             "share_differing_over_10pct": float((ratio > 0.1).mean())}
 
