@@ -138,6 +138,17 @@ def _add_train_flags(p):
     p.add_argument("--iterations", type=_positive_int, default=d.iterations,
                    help="meta-steps " + _per_dataset("iterations"))
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization and the task streams")
+    from tfmeta.config import META_LR_SCHEDULES
+
+    p.add_argument("--meta-lr-schedule", default=d.meta_lr_schedule, choices=list(META_LR_SCHEDULES),
+                   help="meta learning rate: constant, or cosine (keras CosineDecay from --meta-lr to "
+                        "--min-meta-lr over --iterations; MAML++)")
+    p.add_argument("--min-meta-lr", type=_nonnegative_float, default=d.min_meta_lr,
+                   help="final meta learning rate of --meta-lr-schedule cosine")
+    p.add_argument("--lslr", action=argparse.BooleanOptionalAction, default=d.lslr,
+                   help="MAML++: meta-learn one inner learning rate per layer weight and inner step")
+    p.add_argument("--per-step-bn", action=argparse.BooleanOptionalAction, default=d.per_step_bn,
+                   help="MAML++: one meta-learned set of BatchNorm gamma/beta per inner step (needs BatchNorm: conv4)")
     _add_remat_flag(p)
     _add_estimator_flags(p)
 
