@@ -22,7 +22,7 @@ from tfmeta import runtime as _runtime
 # (AlreadyExistsError on the second call): see tfmeta.runtime.disable_addn_scheduling.
 _runtime.disable_addn_scheduling()
 
-from tfmeta import data, estimators, evaluation, export, inner_optimizers, models  # noqa: E402
+from tfmeta import data, estimators, evaluation, export, inner_optimizers, mamlpp, models  # noqa: E402
 from tfmeta.keras_model import MetaModel  # noqa: E402
 from tfmeta.learner import MetaLearner, MetaParams  # noqa: E402
 from tfmeta.training import MetaTrainer, NonFiniteMetaStepError  # noqa: E402
@@ -31,5 +31,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MetaLearner", "MetaModel", "MetaParams", "MetaTrainer", "NonFiniteMetaStepError",
-    "data", "estimators", "evaluation", "export", "inner_optimizers", "models",
+    "data", "estimators", "evaluation", "export", "inner_optimizers", "mamlpp", "models",
 ]

@@ -21,6 +21,9 @@ class Reptile(Estimator):
     name = "reptile"
 
     def check(self, learner):
+        from tfmeta import mamlpp
+
+        mamlpp.refuse(learner, self.name)
         if learner.lr_variables or learner.meta_network is not None:
             raise ValueError(
                 "estimator='reptile' meta-learns the initialization only: it cannot train "
