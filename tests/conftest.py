@@ -84,3 +84,22 @@ def small_dense(ways=3, inputs=4, seed=0):
 OMNIGLOT_DIR = os.environ.get("TFMETA_OMNIGLOT_DIR") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "omniglot")
 
+
+
+#: The test files with the most CPU time (processes started, distributed workers, graph traces), run
+#: first: pytest-xdist's workers (`-n 2 --dist loadfile`) take one file at a time in this order, so
+#: the two end together on short files instead of one waiting for the other's long file.
+LONGEST_FIRST = ("test_distribute.py", "test_remat.py", "test_fault_matrix.py", "test_suites.py",
+                 "test_autometa.py", "test_keras_model.py", "test_cli.py", "test_export_tflite.py",
+                 "test_faults.py", "test_onednn.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist >= 3.6 otherwise reorders files by their number of tests (most first), which
+    # puts the long files with few tests last.
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))

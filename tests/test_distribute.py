@@ -16,12 +16,16 @@ from tfmeta.core import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs in a fresh process: logical devices must be configured before TensorFlow starts.
-MIRRORED_CHECK = r"""
-import json, sys
+# Both MirroredStrategy checks run in one fresh process (one TensorFlow start-up): logical devices
+# must be configured before TensorFlow starts. Each check prints one JSON line.
+TWO_DEVICES = r"""
+import json, os, sys, tempfile
 import tensorflow as tf
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+"""
+
+MIRRORED_CHECK = r"""
 import keras, numpy as np
 import tfmeta
 from tfmeta import estimators
@@ -48,13 +52,24 @@ print(json.dumps(result))
 """
 
 
-def test_mirrored_meta_step_equals_the_default_strategy():
+WANTED = ("maml", "fomaml", "reptile", "reuse", "implicit", "linearity", "shifting")
+
+
+@pytest.fixture(scope="module")
+def mirrored_checks():
+    """{"mirrored": MIRRORED_CHECK's result, "shifting": SHIFTING_CHECK's}, from one process."""
     from tfmeta import estimators
-    wanted = [n for n in ("maml", "fomaml", "reptile", "reuse", "implicit", "linearity", "shifting") if n in estimators.names()]
-    proc = subprocess.run([sys.executable, "-c", MIRRORED_CHECK, *wanted], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    wanted = [n for n in WANTED if n in estimators.names()]
+    proc = subprocess.run([sys.executable, "-c", TWO_DEVICES + MIRRORED_CHECK + SHIFTING_CHECK, *wanted],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    assert len(lines) == 2, proc.stdout[-3000:]
+    return {"wanted": wanted, "mirrored": lines[0], "shifting": lines[1]}
+
+
+def test_mirrored_meta_step_equals_the_default_strategy(mirrored_checks):
+    wanted, result = mirrored_checks["wanted"], mirrored_checks["mirrored"]
     assert set(result) == set(wanted)
     for name, (scale, relative) in result.items():
         assert scale > 0, name
@@ -64,10 +79,6 @@ def test_mirrored_meta_step_equals_the_default_strategy():
 # Trajectory shifting keeps a task learner per task: each replica must keep (and step, and shift)
 # the learners of its own tasks, and a checkpoint must hold every replica's rows in task order.
 SHIFTING_CHECK = r"""
-import json, os, tempfile
-import tensorflow as tf
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
 from tfmeta.core import inner_optimizers, models
 from tfmeta.data import SinusoidTasks
@@ -133,11 +144,8 @@ print(json.dumps(result))
 """
 
 
-def test_mirrored_shifting_keeps_each_task_learner_on_its_replica_and_checkpoints_them():
-    proc = subprocess.run([sys.executable, "-c", SHIFTING_CHECK], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_mirrored_shifting_keeps_each_task_learner_on_its_replica_and_checkpoints_them(mirrored_checks):
+    result = mirrored_checks["shifting"]
     assert result["moved"] > 1e-3  # the runs did something
     assert result["local_rows"] == [2, 2]  # each replica holds the learners of its 2 tasks
     assert result["calls"] == 5

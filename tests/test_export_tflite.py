@@ -62,6 +62,18 @@ def _separable_task(seed, query_per_class=4, noise=0.15):
     return draw(sy), sy, draw(qy), qy
 
 
+def _tree_digest(root):
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            digest.update(os.path.relpath(full, root).encode())
+            with open(full, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
 def test_version_holds_saved_model_and_tflite_with_both_signatures(head):
     _, path, content = head
     assert sorted(os.listdir(path)) == sorted(["assets", "fingerprint.pb", "model.keras", "model.tflite",
@@ -119,8 +131,9 @@ def test_builtin_profile_has_no_flex_and_no_variable_ops(head):
     ("support_y", np.array([0, 1, 2, 3, 5], np.int32), r"class indices 0..4"),
 ])
 def test_bad_inputs_are_named_before_the_interpreter_runs(head, which, value, message, monkeypatch):
-    _, _, content = head
-    model = export_tflite.TFLiteAdapter(content)
+    _, path, _ = head
+    before = _tree_digest(path)
+    model = export_tflite.TFLiteAdapter(os.path.join(path, export_tflite.FILENAME))
     calls = []
     monkeypatch.setitem(model._runners, "adapt_and_predict", lambda **kw: calls.append(kw))
     sx, sy, qx = _task()
@@ -128,18 +141,7 @@ def test_bad_inputs_are_named_before_the_interpreter_runs(head, which, value, me
     with pytest.raises(ValueError, match=message):
         model.adapt_and_predict(**arrays)
     assert calls == []
-
-
-def _tree_digest(root):
-    digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in sorted(os.walk(root)):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            digest.update(os.path.relpath(full, root).encode())
-            with open(full, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
+    assert _tree_digest(path) == before  # the export version is untouched
 
 
 def test_builtin_profile_refuses_a_learner_that_needs_flex_and_writes_nothing(tmp_path):
@@ -153,28 +155,75 @@ def test_builtin_profile_refuses_a_learner_that_needs_flex_and_writes_nothing(tm
     assert os.listdir(os.path.dirname(first)) == ["1"]
 
 
-def test_full_profile_lists_the_flex_ops_of_full_conv4_adaptation():
+@pytest.fixture(scope="module")
+def full():
+    """An Omniglot-shaped conv4 adapting every layer (MAML), converted once in the full profile."""
     keras.utils.set_random_seed(0)
-    learner = MetaLearner(models.conv4(WAYS, filters=4), inner_steps=2, adapt="all")
-    content = export_tflite.convert(learner, shots=SHOTS, profile="full")
-    assert export_tflite.flex_ops(content) == ["Conv2DBackpropFilter", "MaxPoolGrad", "ReluGrad"]
-    assert not set(export_tflite.op_names(content)) & {"VAR_HANDLE", "READ_VARIABLE"}
-    # The plain LiteRT runtime (no Flex delegate) refuses it rather than answering garbage.
-    model = export_tflite.TFLiteAdapter(content)
-    sx, sy, qx = _task()
-    with pytest.raises(RuntimeError, match="Select TensorFlow op"):
-        model.adapt_and_predict(sx, sy, qx)
-    # With a Flex-capable interpreter (TF builds that link it), the logits equal the SavedModel's.
+    learner = MetaLearner(models.conv4(WAYS, filters=4), inner_lr=0.5, inner_steps=2, adapt="all")
+    return learner, export_tflite.convert(learner, shots=SHOTS, profile="full")
+
+
+def test_builtin_profile_refuses_full_conv4_adaptation_naming_its_flex_ops(full, tmp_path):
+    learner, _ = full
+    (tmp_path / "omni" / "1").mkdir(parents=True)  # an earlier version (its bytes are what must survive)
+    (tmp_path / "omni" / "1" / "saved_model.pb").write_bytes(b"earlier export")
+    before = _tree_digest(tmp_path)
+    with pytest.raises(ValueError, match=r"need the Flex delegate: Conv2DBackpropFilter, MaxPoolGrad, ReluGrad\. "
+                                         r"Export with profile='full'"):
+        export_tflite.export_tflite(learner, str(tmp_path), "omni", shots=SHOTS, profile="builtin")
+    assert _tree_digest(tmp_path) == before
+    assert os.listdir(tmp_path / "omni") == ["1"]
+
+
+def _flex_logits(content, arrays):
+    """adapt_and_predict's logits from an interpreter with the Flex delegate: this process's
+    tf.lite.Interpreter where its TensorFlow links it, else $TFMETA_FLEX_PYTHON's; skip if neither."""
     try:
-        flex = export_tflite.TFLiteAdapter(content, interpreter_class=tf.lite.Interpreter)
-        got = flex.adapt_and_predict(sx, sy, qx)
+        return export_tflite.TFLiteAdapter(content, interpreter_class=tf.lite.Interpreter).adapt_and_predict(**arrays)
     except RuntimeError as err:
         if "Select TensorFlow op" not in str(err):
             raise
-        pytest.skip("this TensorFlow's tf.lite.Interpreter has no Flex delegate (TF 2.21 pip wheels lack it)")
-    module = savedmodel._Adapter(learner)
-    expected = module.adapt_and_predict(tf.constant(sx), tf.constant(sy), tf.constant(qx))["logits"].numpy()
+    python = os.environ.get(export_tflite.FLEX_PYTHON_ENV)
+    if not python:
+        pytest.skip(f"no Flex delegate: TensorFlow {tf.__version__}'s tf.lite.Interpreter and ai_edge_litert refuse "
+                    f"Select TF ops (TF wheels >= 2.20 and LiteRT 2.x do not link it); set "
+                    f"{export_tflite.FLEX_PYTHON_ENV} to a Python with tensorflow-cpu 2.18 to run this test")
+    outputs, _ = export_tflite.run_flex(content, "adapt_and_predict", arrays, python=python)
+    return outputs["logits"]
+
+
+def test_full_profile_runs_with_flex_and_equals_the_saved_model(full):
+    learner, content = full
+    assert export_tflite.flex_ops(content) == ["Conv2DBackpropFilter", "MaxPoolGrad", "ReluGrad"]
+    assert not set(export_tflite.op_names(content)) & {"VAR_HANDLE", "READ_VARIABLE"}
+    sx, sy, qx = _task(query=10)
+    arrays = {"support_x": sx, "support_y": sy, "query_x": qx}
+    # The plain LiteRT runtime (no Flex delegate) refuses it rather than answering garbage.
+    with pytest.raises(RuntimeError, match="Select TensorFlow op"):
+        export_tflite.TFLiteAdapter(content).adapt_and_predict(**arrays)
+    got = _flex_logits(content, arrays)  # skips here if no interpreter with Flex can be had
+    served = savedmodel._Adapter(learner)  # the SavedModel's signature functions, in memory
+    expected = served.adapt_and_predict(*(tf.constant(a) for a in (sx, sy, qx)))["logits"].numpy()
+    at_init = served.serve(tf.constant(qx))["logits"].numpy()
+    assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert np.abs(got - at_init).max() > 1e-2  # every layer's inner loop ran
+
+
+def test_run_flex_runs_a_signature_in_another_python(head):
+    """The runner itself, on the built-in model with this Python (no Flex needed)."""
+    import sys
+
+    _, _, content = head
+    sx, sy, qx = _task(seed=5, query=4)
+    outputs, info = export_tflite.run_flex(content, "adapt_and_predict",
+                                           {"support_x": sx, "support_y": sy, "query_x": qx},
+                                           python=sys.executable, repeats=2)
+    assert info["tensorflow"] == tf.__version__ and len(info["seconds"]) == 2
+    np.testing.assert_allclose(outputs["logits"], export_tflite.TFLiteAdapter(content).adapt_and_predict(sx, sy, qx),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="TFMETA_FLEX_PYTHON='/nonexistent/python' cannot be run"):
+        export_tflite.run_flex(content, "predict", {"x": qx}, python="/nonexistent/python")
 
 
 def test_convert_refuses_bad_arguments():

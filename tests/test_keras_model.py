@@ -110,10 +110,15 @@ def test_fit_on_an_omniglot_slice_lowers_the_meta_loss():
     assert after["accuracy"] > before["accuracy"]
 
 
+#: the session flags of the runs below: checkpoints every 25 meta-steps, epochs of 100, so that the
+#: killed run resumes in the middle of its first epoch and crosses two epoch boundaries after it.
+SESSION = ["--no-export", "--no-progress", "--no-tensorboard", "--episodes", "10", "--time-budget", "0",
+           "--checkpoint-every", "25"]
+
+
 def _train(out, iterations, *extra):
-    return [sys.executable, "-m", "tfmeta", "train", "--iterations", str(iterations), "--out", str(out),
-            "--checkpoint-every", "100", "--no-export", "--no-progress", "--no-tensorboard",
-            "--episodes", "10", "--time-budget", "0", "--steps-per-epoch", "500", *extra]
+    return ["train", "--iterations", str(iterations), "--out", str(out), *SESSION, "--steps-per-epoch", "100",
+            *extra]
 
 
 def _meta_tensors(run):
@@ -123,27 +128,33 @@ def _meta_tensors(run):
     return path, [reader.get_tensor(k) for k in keys]
 
 
-def test_resume_after_kill_reaches_the_uninterrupted_parameters(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert subprocess.run(_train(straight, 1500), cwd=REPO, capture_output=True, timeout=240).returncode == 0
+def test_resume_after_kill_reaches_the_uninterrupted_parameters(tmp_path, capsys):
+    """The killed run is a `python -m tfmeta train` process; the uninterrupted run and the resume
+    run in this process (`cli.main`), as `tests/test_fault_matrix.py` does."""
+    from tfmeta.app import cli
 
-    proc = subprocess.Popen(_train(killed, 1500), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert cli.main(_train(straight, 300)) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "tfmeta", *_train(killed, 300)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not glob.glob(str(killed / "checkpoints" / "ckpt-3*.index")):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and not (killed / "checkpoints" / "ckpt-50.index").exists():
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert glob.glob(str(killed / "checkpoints" / "ckpt-*.index")), "no checkpoint before the kill"
     path, _ = _meta_tensors(str(killed))
-    assert not path.endswith("ckpt-1500"), "the run finished before it was killed"
+    assert not path.endswith("ckpt-300"), "the run finished before it was killed"
+    kept = int(path.rsplit("-", 1)[1])
 
-    resumed = subprocess.run([sys.executable, "-m", "tfmeta", "train", "--resume", str(killed),
-                              "--no-export", "--no-progress", "--no-tensorboard", "--episodes", "10",
-                              "--time-budget", "0", "--checkpoint-every", "100"],
-                             cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    capsys.readouterr()
+    code = cli.main(["train", "--resume", str(killed), *SESSION])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert f"resumed at step {kept}: meta-trained steps {kept + 1}-300" in out  # not from the start
     a_path, a = _meta_tensors(str(straight))
     b_path, b = _meta_tensors(str(killed))
-    assert a_path.endswith("ckpt-1500") and b_path.endswith("ckpt-1500")
+    assert a_path.endswith("ckpt-300") and b_path.endswith("ckpt-300")
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -83,6 +83,12 @@ PAPER = {
     "lil-omniglot-1shot": dict(estimator="linearity", inner_steps=3, inner_lr=0.5, shots=1,
                                _options=dict(base="maml", phase_weight=0.1, amplitude_weight=0.01)),
     "lil-omniglot-5shot": dict(shots=5, _options=dict(phase_weight=0.1, amplitude_weight=0.1)),
+    # Antoniou et al. 2019 (arXiv:1810.09502), Sec. 4 and the authors' Omniglot 5-way 1-shot
+    # configuration: epochs of 500 meta-steps, 100 epochs, MSL over 10, DA after 50.
+    "maml++": dict(estimator="maml", dataset="omniglot", ways=5, shots=1, inner_steps=5, inner_lr=0.1,
+                   meta_batch=8, meta_lr=1e-3, meta_lr_schedule="cosine", min_meta_lr=1e-5,
+                   iterations=50000, lslr=True, per_step_bn=True,
+                   _options=dict(msl_steps=5000, first_order_steps=25000)),
 }
 
 

@@ -2,33 +2,55 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import types
 
-from tfmeta.app import suites
+from tfmeta.app import cli, suites
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ("seconds_per_step_median", "seconds_per_step_min", "peak_rss_mb", "compile_seconds")
 
 
-def test_quick_cost_suite_writes_json_and_plots(tmp_path):
+def test_quick_cost_suite_writes_json_and_plots(tmp_path, capsys, monkeypatch):
+    """`tfmeta bench --suite cost --quick`, run here. Each configuration is the `python -m tfmeta
+    bench` command line the suite builds, and its output goes through the suite's own parsing
+    (`_run_json`): `plain`'s runs in its own process, as every configuration does in real use; the
+    others run the same command line through `cli.main` in this process (a TensorFlow start-up
+    each saved)."""
+    commands = []
+
+    def run(cmd, **kwargs):
+        assert cmd[:3] == [sys.executable, "-m", "tfmeta"] and cmd[3] == "bench", cmd
+        commands.append(cmd)
+        if cmd[cmd.index("--estimator") + 1] == "plain":
+            return subprocess.run(cmd, cwd=REPO, **kwargs)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(cmd[3:])
+        return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+
+    monkeypatch.setattr(suites, "subprocess",
+                        types.SimpleNamespace(run=run, TimeoutExpired=subprocess.TimeoutExpired))
     output, plots = tmp_path / "cost.json", tmp_path / "plots"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tfmeta", "bench", "--suite", "cost", "--quick", "--json",
-         "--output", str(output), "--plot", str(plots)],
-        capture_output=True, text=True, timeout=400, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[1/" in proc.stderr and "left" in proc.stderr  # progress display
+    capsys.readouterr()
+    code = cli.main(["bench", "--suite", "cost", "--quick", "--json", "--output", str(output),
+                     "--plot", str(plots)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    assert "[1/" in stderr and "left" in stderr  # progress display
     report = json.loads(output.read_text())
-    assert report == json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == json.loads(stdout.strip().splitlines()[-1])
     assert report["suite"] == "cost" and report["quick"] is True
     labels = {r["label"] for r in report["results"]}
     assert labels == {"plain", "maml", "fomaml", "reptile", "implicit", "shifting", "linearity", "reuse(2)",
                       "maml+remat(sqrt)"}
-    assert len(report["results"]) == len(suites.cost_configurations(quick=True))
+    assert len(report["results"]) == len(commands) == len(suites.cost_configurations(quick=True))
+    assert sum(c[c.index("--estimator") + 1] == "plain" for c in commands) == 1
     for row in report["results"]:
         assert "error" not in row, row
         for key in FIGURES:

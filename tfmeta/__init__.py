@@ -27,7 +27,7 @@ from tfmeta.core import runtime as _runtime
 _runtime.disable_addn_scheduling()
 
 from tfmeta import data, estimators, export, implicit  # noqa: E402
-from tfmeta.core import inner_optimizers, models  # noqa: E402
+from tfmeta.core import inner_optimizers, mamlpp, models  # noqa: E402
 from tfmeta.core.learner import MetaLearner, MetaParams  # noqa: E402
 from tfmeta.training import evaluation  # noqa: E402
 from tfmeta.training.keras_model import MetaModel  # noqa: E402
@@ -37,5 +37,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MetaLearner", "MetaModel", "MetaParams", "MetaTrainer", "NonFiniteMetaStepError",
-    "data", "estimators", "evaluation", "export", "implicit", "inner_optimizers", "models",
+    "data", "estimators", "evaluation", "export", "implicit", "inner_optimizers", "mamlpp", "models",
 ]

@@ -365,15 +365,37 @@ def cmd_bench(args) -> dict:
                       f"{100 * acc:.2f}% ± {100 * row['accuracy_after_ci95']:.2f} after {row['steps']} meta-steps"))
         return report
 
+    if args.suite == "learning":
+        from tfmeta.app import suites_learning
+
+        report = suites_learning.run(
+            args.data_dir, steps=args.steps, checkpoints=args.checkpoints, seconds=args.seconds,
+            meta_batch=args.meta_batch or 8, inner_steps=args.inner_steps, episodes=args.episodes, seed=args.seed,
+            peer=not args.no_peer, peer_dir=args.peer_dir, peer_python=args.peer_python,
+            peer_threads=args.peer_threads, json_path=args.output, plot_dir=args.plot)
+        if not args.json:
+            for name, tool in report["tools"].items():
+                if "skipped" in tool:
+                    print(f"{name:>11}: skipped ({tool['skipped']})")
+                for p in tool.get("points", []):
+                    print(f"{name:>11}: " + (p.get("error") or
+                          f"step {p['meta_step']:>4}, {p['train_seconds']:7.1f} s: {p['accuracy']:.1f}% ± {p['ci95']:.1f}"))
+        return report
+
     if args.suite == "litert":
         from tfmeta.export import tflite as export_tflite
 
         result = export_tflite.benchmark(ways=args.ways, shots=args.shots, query=args.query, filters=args.filters,
-                                         inner_steps=args.inner_steps, repeats=args.steps or 20, seed=args.seed)
+                                         inner_steps=args.inner_steps, repeats=args.steps or 20, seed=args.seed,
+                                         profile=args.tflite_profile,
+                                         flex_python=os.environ.get(export_tflite.FLEX_PYTHON_ENV) or None)
         if not args.json:
-            print(f"litert: model.tflite {result['tflite_bytes'] / 1024:.1f} KiB; adapt_and_predict "
-                  f"{args.ways}-way {args.shots}-shot, {result['query']} query: LiteRT "
-                  f"{1000 * result['litert_seconds_median']:.1f} ms, SavedModel "
+            lite = result["litert_seconds_median"]
+            lite = (f"{1000 * lite:.1f} ms ({result['litert_runtime']})" if lite is not None else
+                    f"not run ({result['litert_error']}; set {export_tflite.FLEX_PYTHON_ENV})")
+            print(f"litert ({result['profile']} profile, adapt={result['adapt']}): model.tflite "
+                  f"{result['tflite_bytes'] / 1024:.1f} KiB, Flex ops {result['flex_ops'] or 'none'}; adapt_and_predict "
+                  f"{args.ways}-way {args.shots}-shot, {result['query']} query: LiteRT {lite}, SavedModel "
                   f"{1000 * result['saved_model_seconds_median']:.1f} ms (median of {result['repeats']})")
         return result
 

@@ -23,6 +23,8 @@ from tfmeta.core.learner import MetaLearner, parse_remat
 from tfmeta.data import synthetic2d
 
 META_OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+#: `--meta-lr-schedule` choices.
+META_LR_SCHEDULES = ("constant", "cosine")
 
 #: Defaults that depend on the dataset (Finn et al.'s settings, shortened to fit CPU budgets).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -89,6 +91,14 @@ class RunConfig:
     remat: str = "none"
     #: the `--preset` the values came from (a record; the values themselves are in the fields).
     preset: str | None = None
+    #: MAML++ (tfmeta.core.mamlpp): per-layer per-step inner learning rates (LSLR) and per-step
+    #: BatchNorm weights (BNWB), options of the learner.
+    lslr: bool = False
+    per_step_bn: bool = False
+    #: the meta learning rate: "constant" or "cosine" (Keras' CosineDecay from meta_lr to
+    #: min_meta_lr over the run's iterations; MAML++).
+    meta_lr_schedule: str = "constant"
+    min_meta_lr: float = 0.0
 
     def resolved(self) -> "RunConfig":
         """A copy with every None filled from the dataset's defaults; validates the choices."""
@@ -115,6 +125,7 @@ class RunConfig:
             raise ValueError(f"meta_optimizer={filled.meta_optimizer!r} is not valid: "
                              f"expected one of {sorted(META_OPTIMIZERS)}.")
         _check_remat(filled)
+        _check_mamlpp(filled)
         return filled
 
     def save(self, path: str) -> None:
@@ -192,6 +203,40 @@ def _check_remat(config: RunConfig) -> None:
     build_estimator(config).check_remat(probe)
 
 
+#: estimators the `maml++` preset applies to: MSL and DA are options of the maml estimator.
+MAMLPP_ESTIMATORS = ("maml",)
+
+
+def _check_mamlpp(config: RunConfig) -> None:
+    """Refuse MAML++ settings that do not apply, naming the flags, before anything is written."""
+    if config.preset == "maml++" and config.estimator not in MAMLPP_ESTIMATORS:
+        raise ValueError(
+            f"--preset maml++ is not valid with --estimator {config.estimator}: MAML++'s multi-step "
+            "loss and derivative-order annealing are options of the maml estimator (and its per-step "
+            "meta-parameters need an estimator that differentiates the inner loop). Expected "
+            "--estimator maml, or no --preset.")
+    if config.meta_lr_schedule not in META_LR_SCHEDULES:
+        raise ValueError(f"meta_lr_schedule={config.meta_lr_schedule!r} (--meta-lr-schedule) is not valid: "
+                         f"expected one of {list(META_LR_SCHEDULES)}.")
+    if not 0 <= config.min_meta_lr <= config.meta_lr:
+        raise ValueError(f"min_meta_lr={config.min_meta_lr!r} (--min-meta-lr) is not valid: expected a "
+                         f"number in [0, --meta-lr {config.meta_lr:g}].")
+    if config.min_meta_lr and config.meta_lr_schedule == "constant":
+        raise ValueError(f"--min-meta-lr {config.min_meta_lr:g} applies only to --meta-lr-schedule cosine.")
+    if config.per_step_bn and config.model != "conv4":
+        raise ValueError(f"per_step_bn=True (--per-step-bn) needs a model with BatchNorm: expected "
+                         f"--model conv4, got {config.model!r}.")
+    if config.lslr and config.dataset == "synthetic2d":
+        raise ValueError("lslr=True (--lslr) is not available with --dataset synthetic2d.")
+    for flag, on in (("--lslr", config.lslr), ("--per-step-bn", config.per_step_bn)):
+        if on and config.estimator in ("reptile", "implicit", "shifting", "fomaml") and not (
+                flag == "--per-step-bn" and config.estimator == "fomaml"):
+            raise ValueError(
+                f"{flag} is not valid with --estimator {config.estimator}: its meta-parameters act "
+                "through the inner loop's dynamics, which this estimator does not differentiate. "
+                "Expected --estimator maml, reuse or linearity.")
+
+
 def build_model(config: RunConfig) -> keras.Model:
     """The configured network, freshly initialised from `config.seed`."""
     keras.utils.set_random_seed(config.seed)
@@ -201,8 +246,14 @@ def build_model(config: RunConfig) -> keras.Model:
 
 
 def build_meta_optimizer(config: RunConfig) -> keras.optimizers.Optimizer:
-    """The meta-optimizer: Adam (default) or plain SGD (Reptile's and shifting's beta)."""
-    return META_OPTIMIZERS[config.meta_optimizer](config.meta_lr)
+    """The meta-optimizer: Adam (default) or plain SGD (Reptile's and shifting's beta), with a
+    constant learning rate or Keras' cosine decay over the run's iterations (MAML++)."""
+    rate = config.meta_lr
+    if config.meta_lr_schedule == "cosine":
+        from tfmeta.core import mamlpp
+
+        rate = mamlpp.cosine_meta_lr(config.meta_lr, config.iterations, config.min_meta_lr)
+    return META_OPTIMIZERS[config.meta_optimizer](rate)
 
 
 def build_inner_optimizer(config: RunConfig) -> inner_optimizers.InnerOptimizer:
@@ -227,6 +278,8 @@ def build_learner(config: RunConfig) -> MetaLearner:
         inner_steps=config.inner_steps,
         adapt=config.adapt,
         remat=config.remat,
+        lslr=config.lslr,
+        per_step_bn=config.per_step_bn,
     )
 
 

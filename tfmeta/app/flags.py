@@ -19,6 +19,8 @@ positive_float = flag_type(float, lambda v: v > 0 and math.isfinite(v), "a finit
 seconds = flag_type(float, lambda v: v >= 0 and math.isfinite(v), "a finite number of seconds >= 0")
 unit_float = flag_type(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 nonnegative_float = flag_type(float, lambda v: v >= 0, "a number >= 0")
+step_list = flag_type(lambda t: [int(s) for s in t.split(",")], lambda v: len(v) > 0 and all(s >= 1 for s in v),
+                      "a comma-separated list of meta-step counts >= 1 (e.g. 10,20,40,80)")
 threads = flag_type(lambda t: t if t == "auto" else int(t), lambda v: v == "auto" or v >= 0,
                     "an integer >= 0 or 'auto'")
 

@@ -19,6 +19,7 @@ from tfmeta.app.flags import (
     positive_float as _positive_float,
     positive_int as _positive_int,
     seconds as _seconds,
+    step_list as _step_list,
     unit_float as _unit_float,
     nonnegative_float as _nonnegative_float,
 )
@@ -84,6 +85,17 @@ def _add_train_flags(p):
     p.add_argument("--iterations", type=_positive_int, default=d.iterations,
                    help="meta-steps " + _per_dataset("iterations"))
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization and the task streams")
+    from tfmeta.app.config import META_LR_SCHEDULES
+
+    p.add_argument("--meta-lr-schedule", default=d.meta_lr_schedule, choices=list(META_LR_SCHEDULES),
+                   help="meta learning rate: constant, or cosine (keras CosineDecay from --meta-lr to "
+                        "--min-meta-lr over --iterations; MAML++)")
+    p.add_argument("--min-meta-lr", type=_nonnegative_float, default=d.min_meta_lr,
+                   help="final meta learning rate of --meta-lr-schedule cosine")
+    p.add_argument("--lslr", action=argparse.BooleanOptionalAction, default=d.lslr,
+                   help="MAML++: meta-learn one inner learning rate per layer weight and inner step")
+    p.add_argument("--per-step-bn", action=argparse.BooleanOptionalAction, default=d.per_step_bn,
+                   help="MAML++: one meta-learned set of BatchNorm gamma/beta per inner step (needs BatchNorm: conv4)")
     _add_remat_flag(p)
     _add_estimator_flags(p)
 
@@ -206,17 +218,33 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time one meta-step configuration (conv4 on random inputs)")
     from tfmeta.app.bench import ESTIMATORS
-    bench.add_argument("--suite", default="step", choices=["step", "soak", "cost", "accuracy", "litert"],
+    bench.add_argument("--suite", default="step", choices=["step", "soak", "cost", "accuracy", "learning", "litert"],
                        help="step: time one configuration; soak: 2,000 sinusoid meta-steps, memory every "
                             "100; cost: every estimator x inner steps, one process each; accuracy: every "
-                            "estimator on Omniglot for the same wall-clock budget; litert: size and "
+                            "estimator on Omniglot for the same wall-clock budget; learning: MAML's held-out "
+                            "accuracy against meta-steps and seconds, tfmeta beside learn2learn "
+                            "(../shared/peerbench) when its venv is present; litert: size and "
                             "adapt_and_predict latency of the .tflite (head adaptation) against the SavedModel")
     bench.add_argument("--quick", action="store_true", help="cost suite: a small subset (every estimator once at T = 2, about 2 minutes)")
-    bench.add_argument("--plot", default=None, metavar="DIR", help="cost/accuracy suites: write PNG plots to DIR")
-    bench.add_argument("--output", default=None, metavar="FILE", help="cost/accuracy suites: write the JSON report to FILE")
-    bench.add_argument("--data-dir", default=None, help="accuracy suite: Omniglot's original archives")
+    bench.add_argument("--plot", default=None, metavar="DIR", help="cost/accuracy/learning suites: write PNG plots to DIR")
+    bench.add_argument("--output", default=None, metavar="FILE", help="cost/accuracy/learning suites: write the JSON report to FILE")
+    bench.add_argument("--data-dir", default=None, help="accuracy/learning suites: Omniglot's original archives (learning: default $TFMETA_OMNIGLOT_DIR)")
     bench.add_argument("--budget-minutes", type=_positive_float, default=5.0,
                        help="accuracy suite: meta-training wall-clock budget per estimator")
+    bench.add_argument("--checkpoints", type=_step_list, default=None,
+                       help="learning suite: meta-steps at which held-out accuracy is measured (default: "
+                            "1/8, 1/4, 1/2 and all of --steps, i.e. 10,20,40,80)")
+    bench.add_argument("--seconds", type=_seconds, default=0.0,
+                       help="learning suite: also measure after this many seconds of meta-training (0: no)")
+    bench.add_argument("--episodes", type=_positive_int, default=200,
+                       help="learning suite: held-out episodes per measurement")
+    bench.add_argument("--no-peer", action="store_true", help="learning suite: tfmeta only, not learn2learn")
+    bench.add_argument("--peer-dir", default=None, metavar="DIR",
+                       help="learning suite: folder with l2l_omniglot.py (default: DATA_DIR/../../peerbench)")
+    bench.add_argument("--peer-python", default=None, metavar="FILE",
+                       help="learning suite: learn2learn's venv Python (default ~/.cache/peer-venv/bin/python)")
+    bench.add_argument("--peer-threads", type=_positive_int, default=None,
+                       help="learning suite: learn2learn's torch threads (default: one per core)")
     bench.add_argument("--filters", type=_positive_int, default=64, help="conv4 filters")
     bench.add_argument("--estimator", default="maml", choices=ESTIMATORS)
     bench.add_argument("--model", default="conv4", choices=["conv4"])
@@ -224,14 +252,18 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--shots", type=_positive_int, default=1)
     bench.add_argument("--query", type=_positive_int, default=15)
     bench.add_argument("--meta-batch", type=_positive_int, default=None,
-                       help="tasks per meta-step (default 8; cost suite 4, quick 2; accuracy 8)")
+                       help="tasks per meta-step (default 8; cost suite 4, quick 2; accuracy and learning 8)")
     bench.add_argument("--inner-steps", type=_positive_int, default=5)
     bench.add_argument("--steps", type=_positive_int, default=None,
-                       help="timed meta-steps after the first call (default 5; soak: 2000)")
+                       help="timed meta-steps after the first call (default 5; soak: 2000; learning: meta-steps of "
+                            "meta-training, default 80 or the last --checkpoints)")
     bench.add_argument("--unroll", action="store_true", help="unroll the inner loop in the graph")
     bench.add_argument("--parallel-tasks", type=_positive_int, default=2,
                        help="tasks of the task loop that may run at once")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--tflite-profile", default=DEFAULT_PROFILE, choices=list(PROFILES),
+                       help="litert suite: builtin (head adaptation, LiteRT interpreter) or full (every layer, Flex; "
+                            "timed in $TFMETA_FLEX_PYTHON's tf.lite.Interpreter when set)")
     _add_remat_flag(bench)
     _add_estimator_flags(bench)
     _add_runtime_flags(bench)

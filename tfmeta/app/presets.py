@@ -21,6 +21,7 @@ References:
         arXiv:2102.07215.
     Anonymous. Enforcing Zero-Hessian in Meta-Learning (LIL). Under double-blind review, 2021
         (the copy in /work/shared/papers/004 carries no arXiv id).
+    Antoniou, Edwards, Storkey. How to train your MAML. ICLR 2019. arXiv:1810.09502.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ RAJESWARAN = ("Rajeswaran, Finn, Kakade, Levine 2019, Meta-Learning with Implici
 SHIN = ("Shin, Lee, Gong, Hwang 2021, Large-Scale Meta-Learning with Continual Trajectory "
         "Shifting, arXiv:2102.07215")
 LIL = "Anonymous 2021, Enforcing Zero-Hessian in Meta-Learning (LIL), under review, no arXiv id"
+MAMLPP = "Antoniou, Edwards, Storkey 2019, How to train your MAML, ICLR 2019, arXiv:1810.09502"
+#: meta-steps per epoch in MAML++'s schedules (the reference implementation's total_iter_per_epoch).
+MAMLPP_EPOCH = 500
 
 
 class Preset(NamedTuple):
@@ -87,6 +91,16 @@ PRESETS: dict[str, Preset] = {
         LIL, "Sec. 5 'Hyperparameter setting' and Appendix C (4-Conv; the paper uses "
         "miniImageNet, tiered, Cars, CUB)", "meta-batch, iterations",
     ),
+    "maml++": Preset(
+        dict(estimator="maml", dataset="omniglot", ways=5, shots=1, inner_steps=5, inner_lr=0.1,
+             inner_optimizer="sgd", meta_batch=8, meta_optimizer="adam", meta_lr=1e-3,
+             meta_lr_schedule="cosine", min_meta_lr=1e-5, iterations=100 * MAMLPP_EPOCH,
+             lslr=True, per_step_bn=True, msl_steps=10 * MAMLPP_EPOCH,
+             first_order_steps=50 * MAMLPP_EPOCH),
+        MAMLPP, "Sec. 4 (MSL, DA after 50 epochs, BNWB, LSLR, CA) and the authors' Omniglot 5-way 1-shot "
+        "configuration (epochs of 500 meta-steps; see docs/mamlpp.md)",
+        "query examples per class",
+    ),
     "lil-omniglot-5shot": Preset(
         dict(estimator="linearity", base="maml", dataset="omniglot", shots=5, inner_steps=3,
              inner_lr=0.5, meta_lr=1e-3, phase_weight=0.1, amplitude_weight=0.1),
@@ -116,5 +130,9 @@ def command_line(name: str) -> str:
     """The preset as the `tfmeta train` command line it stands for."""
     parts = ["tfmeta train"]
     for key, value in get(name).values.items():
-        parts.append(f"--{key.replace('_', '-')} {value}")
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:  # a switch (--lslr)
+            parts.append(flag)
+        elif value is not False:
+            parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
     return " ".join(parts)

@@ -38,11 +38,29 @@ References:
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
 from tfmeta.core import inner_optimizers, randomness
+
+_LOCAL = threading.local()
+
+
+def current_step():
+    """The 0-based index (an int32 tensor) of the inner step whose gradient is being evaluated,
+    while `loss_fn` runs inside :func:`run`; None outside. Per-step BatchNorm weights
+    (:mod:`tfmeta.core.mamlpp`) read it to pick the set of step k."""
+    return getattr(_LOCAL, "step", None)
+
+
+def _step_rates(rates, t):
+    """The rates of inner step t from per-step rates (each with a leading step axis; steps past
+    the last use the last step's rate)."""
+    # a one-hot contraction rather than a gather: dense gradients through the while loop
+    return [tf.tensordot(tf.one_hot(tf.minimum(t, r.shape[0] - 1), r.shape[0], dtype=r.dtype), r, 1)
+            for r in rates]
 
 
 class Observer(NamedTuple):
@@ -84,6 +102,7 @@ def run(
     remat: int | None = None,
     loss_args: Sequence[tf.Tensor] = (),
     loss_constants: Sequence[tf.Tensor] = (),
+    step_rates: bool = False,
 ):
     """Adapt `params` by `steps` optimizer steps on `loss_fn(params)`.
 
@@ -92,8 +111,12 @@ def run(
         params: the starting point phi_1 (e.g. the meta-learned initialization theta).
         optimizer: an :class:`~tfmeta.inner_optimizers.InnerOptimizer`.
         steps: T >= 0, a Python int.
-        learning_rate: None, a scalar, or one tensor per parameter (Meta-SGD).
-        second_order: keep the inner gradients differentiable (exact MAML) or stop them.
+        learning_rate: None, a scalar, or one tensor per parameter (Meta-SGD); with
+            `step_rates`, one tensor per parameter whose leading axis indexes the inner step
+            (LSLR, Antoniou et al. 2019, Sec. 4: step t uses ``rate[min(t, len - 1)]``).
+        second_order: keep the inner gradients differentiable (exact MAML) or stop them; a
+            boolean tensor chooses in the graph (derivative-order annealing: one trace for
+            both orders, :mod:`tfmeta.core.mamlpp`).
         unroll: Python-unroll the steps instead of a `tf.while_loop`.
         reuse_window: n >= 1, optimizer steps per gradient evaluation (1: every step).
         observer: optional :class:`Observer`.
@@ -115,25 +138,40 @@ def run(
     if isinstance(reuse_window, bool) or not isinstance(reuse_window, int) or reuse_window < 1:
         raise ValueError(f"reuse_window={reuse_window!r} is not valid: expected an integer >= 1.")
     params = list(params)
-    remat = _check_remat(remat, steps, reuse_window) if second_order else None
+    dynamic = not isinstance(second_order, bool)
+    remat = _check_remat(remat, steps, reuse_window) if (dynamic or second_order) else None
     state = optimizer.init(params)
     acc = observer.init(params) if observer is not None else ()
     loss_constants = list(loss_constants)
     loss_args = list(loss_args) + loss_constants
 
-    def gradient(params, args):
+    def compute(params, args, keep: bool):
         with tf.GradientTape() as tape:
             tape.watch(params)
             loss = loss_fn(params, *args)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return grads if second_order else [tf.stop_gradient(g) for g in grads]
+        return grads if keep else [tf.stop_gradient(g) for g in grads]
+
+    def gradient(params, args):
+        if dynamic:
+            # the order is chosen in the graph: each branch computes the gradient, the
+            # first-order one stops it, so its backward pass computes no Hessian term at all
+            return tf.cond(second_order, lambda: compute(params, args, True),
+                           lambda: compute(params, args, False))
+        return compute(params, args, second_order)
 
     def window(t, params, state, acc, length: int, rate, args):
         """One gradient evaluation, then `length` optimizer steps with that gradient."""
-        with randomness.fold(t):  # random layers: fresh masks for each gradient evaluation
-            grads = gradient(params, args)
+        previous = current_step()
+        _LOCAL.step = t
+        try:
+            with randomness.fold(t):  # random layers: fresh masks for each gradient evaluation
+                grads = gradient(params, args)
+        finally:
+            _LOCAL.step = previous
         for j in range(length):
-            new_params, state = inner_optimizers.step(optimizer, params, grads, state, rate)
+            rate_j = _step_rates(rate, t + j) if step_rates else rate
+            new_params, state = inner_optimizers.step(optimizer, params, grads, state, rate_j)
             if observer is not None:
                 acc = observer.update(acc, t + j, params, grads, new_params)
             params = new_params

@@ -47,7 +47,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmeta.core import checks, inner_loop, inner_optimizers
+from tfmeta.core import checks, inner_loop, inner_optimizers, mamlpp
 from tfmeta.core.functional import FunctionalModel
 
 TASK_TYPES = ("classification", "regression")
@@ -127,11 +127,15 @@ class InnerLoopWarning(UserWarning):
 
 
 class MetaParams(NamedTuple):
-    """Meta-parameter tensors: initialization, Meta-SGD rates (maybe empty), meta-network (maybe empty)."""
+    """Meta-parameter tensors: initialization, Meta-SGD rates (maybe empty), meta-network (maybe
+    empty), and MAML++'s per-layer per-step rates (LSLR) and per-step BatchNorm weights (maybe
+    empty; :mod:`tfmeta.core.mamlpp`)."""
 
     init: list
     lr: list
     net: list
+    lslr: list = ()
+    bn: list = ()
 
 
 def _positive_int(name: str, value) -> int:
@@ -154,6 +158,14 @@ class MetaLearner:
         meta_network: optional Keras model whose weights are meta-parameters entering the losses.
         inner_loss, outer_loss: optional ``fn(learner, params, meta, x, y) -> scalar`` replacing
             the task loss on the support (inner) or query (outer) set.
+        lslr: meta-learn one inner learning rate per adapted weight tensor and inner step
+            (MAML++'s LSLR, Antoniou et al. 2019, Sec. 4; :mod:`tfmeta.core.mamlpp`). Not with
+            `meta_sgd`.
+        per_step_bn: one set of BatchNorm gamma/beta per inner step, meta-learned and not
+            adapted by the inner loop (MAML++'s BNWB, Antoniou et al. 2019, Sec. 4): the pass at
+            the iterate phi_k (k inner steps done) uses set k; set 0 is the model's own weights,
+            sets 1..T are `bn_variables`. Adapted parameters carry the set of their step, so a
+            plain model or SavedModel made from them predicts with it.
         unroll: unroll the inner loop in the graph instead of a `tf.while_loop`.
         remat: rematerialise the inner loop when it is differentiated (second order): None or
             "none", "sqrt" (a checkpoint every ~sqrt(T) steps) or "every:K" / K (1 <= K <= T).
@@ -178,6 +190,8 @@ class MetaLearner:
         outer_loss: Callable | None = None,
         unroll: bool = False,
         remat=None,
+        lslr: bool = False,
+        per_step_bn: bool = False,
     ):
         if task not in TASK_TYPES:
             raise ValueError(f"task={task!r} is not valid: expected one of {TASK_TYPES}.")
@@ -205,6 +219,9 @@ class MetaLearner:
         self._outer_loss = outer_loss
         dtype = self.fmodel.dtype
         trainable = model.trainable_variables
+        # MAML++ (first: per-step BatchNorm takes the BatchNorm weights out of the adapted ones)
+        self.lslr_variables, self.bn_variables, self.bn_indices = mamlpp.build_variables(
+            self, lslr=lslr, per_step_bn=per_step_bn, meta_sgd=meta_sgd)
         self.lr_variables = []
         if meta_sgd:
             self.lr_variables = [
@@ -215,8 +232,21 @@ class MetaLearner:
                 for k, i in enumerate(self.fmodel.adapted)
             ]
         net_variables = list(meta_network.trainable_variables) if meta_network is not None else []
-        self._sizes = (len(trainable), len(self.lr_variables), len(net_variables))
-        self.meta_variables = list(trainable) + self.lr_variables + net_variables
+        self._sizes = (len(trainable), len(self.lr_variables), len(net_variables),
+                       len(self.lslr_variables), len(self.bn_variables))
+        self.meta_variables = (list(trainable) + self.lr_variables + net_variables
+                               + self.lslr_variables + self.bn_variables)
+
+    @classmethod
+    def mamlpp(cls, model: keras.Model, *, inner_lr: float = 0.1, inner_steps: int = 5,
+               lslr: bool = True, per_step_bn: bool = True, **kwargs) -> "MetaLearner":
+        """A learner with MAML++'s learner options: per-layer per-step learning rates (LSLR) and
+        per-step BatchNorm weights, inner SGD 0.1 x 5 steps (Antoniou, Edwards, Storkey 2019,
+        arXiv:1810.09502; the authors' Omniglot setting). Train it with
+        ``estimators.get("maml", msl_steps=..., first_order_steps=...)`` and a cosine meta learning
+        rate (:mod:`tfmeta.core.mamlpp`, ``docs/mamlpp.md``)."""
+        return cls(model, inner_lr=inner_lr, inner_steps=inner_steps, lslr=lslr,
+                   per_step_bn=per_step_bn, **kwargs)
 
     # -- meta-parameters -------------------------------------------------------------------------
     @property
@@ -228,9 +258,16 @@ class MetaLearner:
         return [tf.convert_to_tensor(v.value) for v in self.meta_variables]
 
     def unflatten(self, flat: Sequence[tf.Tensor]) -> MetaParams:
-        a, b, _ = self._sizes
-        flat = list(flat)
-        return MetaParams(flat[:a], flat[a : a + b], flat[a + b :])
+        flat, parts, start = list(flat), [], 0
+        for size in self._sizes:
+            parts.append(flat[start:start + size])
+            start += size
+        return MetaParams(*parts)
+
+    def at_step(self, params, meta: MetaParams, step) -> list:
+        """`params` with the BatchNorm weights of inner step `step` (per-step BatchNorm; a Python
+        int or an int tensor, steps past T use set T); `params` unchanged without it."""
+        return mamlpp.bn_at_step(self, params, meta, step)
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -289,13 +326,14 @@ class MetaLearner:
             return self._inner_loss(self, params, meta, x, y)
         return self.task_loss(self.fmodel(params, x), y)
 
-    def outer_loss(self, params, meta: MetaParams, x, y) -> tuple[tf.Tensor, dict]:
+    def outer_loss(self, params, meta: MetaParams, x, y, *, fused: bool = True) -> tuple[tf.Tensor, dict]:
         """Query loss after adaptation, and the task metrics (accuracy for classification).
 
         The query pass is differentiated once (never inside an inner loop), so it may use fused
-        BatchNorm (see `FunctionalModel.__call__`).
+        BatchNorm (see `FunctionalModel.__call__`); a query pass inside the inner loop (MAML++'s
+        multi-step loss) passes ``fused=False``.
         """
-        outputs = self.fmodel(params, x, fused_batchnorm=True)
+        outputs = self.fmodel(params, x, fused_batchnorm=fused)
         if self._outer_loss is not None:
             loss = self._outer_loss(self, params, meta, x, y)
         else:
@@ -388,34 +426,45 @@ class MetaLearner:
         ``(params, accumulator)``.
         """
         steps = self.inner_steps if steps is None else _positive_int("steps", steps)
-        a, b, c = len(meta.init), len(meta.lr), len(meta.net)
+        meta = MetaParams(*meta)
+        sizes = [len(part) for part in meta]
+        total = sum(sizes)
 
         def loss_fn(adapted, *flat):
             # the meta-parameters, the support set and the model's state come in as arguments
             # (neither captured nor read from variables), so that a rematerialised window
             # (remat) rebinds them, the meta-parameters receive their gradients through it, and
             # its recomputation inside a tf.while_loop gradient reads no variable
-            inner = MetaParams(list(flat[:a]), list(flat[a:a + b]), list(flat[a + b:a + b + c]))
-            x_, y_, *state = flat[a + b + c:]
+            parts, begin = [], 0
+            for size in sizes:
+                parts.append(list(flat[begin:begin + size]))
+                begin += size
+            inner = MetaParams(*parts)
+            x_, y_, *state = flat[total:]
+            params = self.fmodel.merge(inner.init, adapted)
+            if inner.bn:  # per-step BatchNorm: the set of the step being evaluated
+                params = self.at_step(params, inner, inner_loop.current_step())
             with self.fmodel.given_state(state):
-                return self.inner_loss(self.fmodel.merge(inner.init, adapted), inner, x_, y_)
+                return self.inner_loss(params, inner, x_, y_)
 
         start = list(meta.init)
+        lslr = bool(meta.lslr)
         result = inner_loop.run(
             loss_fn,
             [start[i] for i in self.fmodel.adapted],
             self.inner_optimizer,
             steps,
-            learning_rate=list(meta.lr) or None,
+            learning_rate=list(meta.lslr) if lslr else (list(meta.lr) or None),
+            step_rates=lslr,
             second_order=second_order,
             unroll=self.unroll,
             reuse_window=reuse_window,
             observer=observer,
-            remat=remat_window(self.remat, steps, reuse_window) if second_order else None,
-            loss_args=list(meta.init) + list(meta.lr) + list(meta.net),
+            remat=remat_window(self.remat, steps, reuse_window) if second_order is not False else None,
+            loss_args=[t for part in meta for t in part],
             loss_constants=[tf.convert_to_tensor(x), tf.convert_to_tensor(y)] + self.fmodel.state(),
         )
         if observer is None:
-            return self.fmodel.merge(start, result)
+            return self.at_step(self.fmodel.merge(start, result), meta, steps)
         adapted, acc = result
-        return self.fmodel.merge(start, adapted), acc
+        return self.at_step(self.fmodel.merge(start, adapted), meta, steps), acc

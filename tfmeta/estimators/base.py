@@ -170,6 +170,13 @@ class Estimator(abc.ABC):
     second_order: ClassVar[bool] = False
     #: report the linearity metrics PC and AC every meta-step (any estimator).
     linearity_metrics: bool = False
+    #: the training loop's meta-step counter (a variable), bound by `MetaModel.compile`;
+    #: schedules read it inside the compiled step (MAML++'s MSL and DA, :mod:`tfmeta.core.mamlpp`).
+    meta_step = None
+
+    def bind_meta_step(self, variable) -> None:
+        """Give the estimator the meta-step counter its schedules follow (no retrace as it moves)."""
+        self.meta_step = variable
 
     def __init__(self, parallel_tasks: int = 2, linearity_metrics: bool = False):
         self.parallel_tasks = checks.integer("parallel_tasks", parallel_tasks, 1)

@@ -32,9 +32,10 @@ class FirstOrderMAML(Estimator):
     name = "fomaml"
 
     def check(self, learner):
-        if learner.lr_variables:
+        if learner.lr_variables or learner.lslr_variables:
+            what = "meta_sgd=True" if learner.lr_variables else "lslr=True (--lslr)"
             raise ValueError(
-                "meta_sgd=True needs a second-order estimator: estimator='fomaml' gives the "
+                f"{what} needs a second-order estimator: estimator='fomaml' gives the "
                 "learning rates no gradient. Use estimator='maml'."
             )
 
@@ -45,7 +46,11 @@ class FirstOrderMAML(Estimator):
         with tf.GradientTape() as tape:
             tape.watch(params)
             tape.watch(meta.net)
-            loss, metrics = learner.outer_loss(params, meta, task.query_x, task.query_y)
-        g_params, g_net = tape.gradient(loss, (params, meta.net))
-        grads = list(g_params) + list(g_net)
+            tape.watch(meta.bn)
+            # per-step BatchNorm: the last step's set gets the gradient of its direct effect
+            query_params = learner.at_step(params, meta, learner.inner_steps) if meta.bn else params
+            loss, metrics = learner.outer_loss(query_params, meta, task.query_x, task.query_y)
+        g_params, g_net, g_bn = tape.gradient(loss, (params, list(meta.net), list(meta.bn)))
+        grads = (list(g_params) + [None] * len(meta.lr) + list(g_net) + [None] * len(meta.lslr)
+                 + list(g_bn))
         return task_result(loss, zeros_for_none(grads, meta_values), metrics, seen)

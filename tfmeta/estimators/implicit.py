@@ -196,6 +196,9 @@ class Implicit(Estimator):
 
     # -- setup -----------------------------------------------------------------------------------
     def check(self, learner):
+        from tfmeta.core import mamlpp
+
+        mamlpp.refuse(learner, self.name)
         if learner.lr_variables:
             raise ValueError(
                 "meta_sgd=True is not supported by estimator='implicit': iMAML does not "

@@ -45,7 +45,7 @@ from tfmeta.estimators.base import (
 )
 from tfmeta.estimators.fomaml import FirstOrderMAML
 from tfmeta.estimators.maml import MAML
-from tfmeta.core.learner import MetaLearner, MetaParams
+from tfmeta.core.learner import MetaLearner
 
 #: estimator classes whose meta-gradient is the gradient of the query loss at ``adapted_params``
 #: (exactly, or with the identity Jacobian of first-order MAML): the bases LIL can wrap.
@@ -151,6 +151,10 @@ class Linearity(Estimator):
 
     def check(self, learner: MetaLearner) -> None:
         self.base.check(learner)
+
+    def bind_meta_step(self, variable) -> None:
+        super().bind_meta_step(variable)
+        self.base.bind_meta_step(variable)  # the base's schedules (MAML++'s DA) follow it too
 
     def remat_name(self) -> str:
         return f"'linearity' with base {self.base.name!r}"
@@ -302,7 +306,7 @@ class LILPretraining(Estimator):
     def _task_gradient(self, learner, meta_values, task, teacher):
         adapted = learner.fmodel.adapted
         stopped = learner.unflatten([tf.stop_gradient(v) for v in meta_values])
-        teacher_meta = MetaParams(list(teacher), stopped.lr, stopped.net)
+        teacher_meta = stopped._replace(init=list(teacher))
         teacher_params, traj = learner.adapt(
             teacher_meta, task.support_x, task.support_y, second_order=False,
             observer=linearity.observer(keep_first_gradient=False, differentiable=False))

@@ -28,6 +28,9 @@ class Reptile(Estimator):
     name = "reptile"
 
     def check(self, learner):
+        from tfmeta.core import mamlpp
+
+        mamlpp.refuse(learner, self.name)
         if learner.lr_variables or learner.meta_network is not None:
             raise ValueError(
                 "estimator='reptile' meta-learns the initialization only: it cannot train "

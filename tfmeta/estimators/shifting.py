@@ -305,6 +305,9 @@ class Shifting(Estimator):
                 "linearity_metrics=True is not available with estimator='shifting': its task "
                 "learners take one inner step per meta-update, so there is no inner trajectory to measure."
             )
+        from tfmeta.core import mamlpp
+
+        mamlpp.refuse(learner, self.name)
         if learner.lr_variables or learner.meta_network is not None:
             raise ValueError(
                 "estimator='shifting' meta-learns the initialization only: it cannot train "

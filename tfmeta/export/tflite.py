@@ -21,10 +21,12 @@ Profiles
   A learner whose inner loop needs TensorFlow kernels (e.g. ``adapt="all"`` on conv4 needs the
   gradients of max-pooling and convolution) is refused with a ``ValueError`` naming those ops,
   and nothing is written.
-- ``"full"``: built-in ops plus TF Select ("Flex") ops for the rest. Runs in TensorFlow's own
-  ``tf.lite.Interpreter`` or a LiteRT build linked with the Flex delegate
-  (``org.tensorflow:tensorflow-lite-select-tf-ops`` on Android), which adds several MB to the app
-  (see ``docs/litert.md``). :func:`flex_ops` lists the Flex ops of a flatbuffer.
+- ``"full"``: built-in ops plus TF Select ("Flex") ops for the rest. Runs only in an interpreter
+  linked with the Flex delegate (``org.tensorflow:tensorflow-lite-select-tf-ops`` on Android,
+  which adds MBs to the app; see ``docs/litert.md``). Neither ``ai-edge-litert`` 2.3 nor the
+  TensorFlow 2.20+ pip wheels link it (their ``tf.lite.Interpreter`` refuses Flex ops); TensorFlow
+  2.18's does, and :func:`run_flex` runs a flatbuffer in such another Python
+  (``$TFMETA_FLEX_PYTHON``). :func:`flex_ops` lists the Flex ops of a flatbuffer.
 
 Shapes
 ------
@@ -67,6 +69,8 @@ DEFAULT_PROFILE = "builtin"
 FILENAME = "model.tflite"
 SIGNATURES = ("adapt_and_predict", "predict")
 _VARIABLE_OPS = ("VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE")
+#: Environment variable: a Python whose ``tf.lite.Interpreter`` has the Flex delegate (see run_flex).
+FLEX_PYTHON_ENV = "TFMETA_FLEX_PYTHON"
 
 
 # -- reading flatbuffers (numpy and ai_edge_litert only) ----------------------------------------
@@ -164,6 +168,59 @@ class TFLiteAdapter:
     def predict(self, x) -> np.ndarray:
         check_inputs(self.specs["predict"], {"x": x})
         return self._runners["predict"](x=x)[self.output_key]
+
+
+# Runs in the other Python (any TensorFlow, numpy): argv = model, inputs.npz, outputs.npz, repeats, signature.
+_FLEX_RUNNER = """
+import json, sys, time
+import numpy as np
+import tensorflow as tf
+model, inputs, outputs, repeats, signature = sys.argv[1:6]
+runner = tf.lite.Interpreter(model_path=model).get_signature_runner(signature)
+with np.load(inputs) as f:
+    arrays = {k: f[k] for k in f.files}
+result = runner(**arrays)
+seconds = []
+for _ in range(int(repeats)):
+    start = time.perf_counter()
+    runner(**arrays)
+    seconds.append(time.perf_counter() - start)
+np.savez(outputs, **result)
+print(json.dumps({"tensorflow": tf.__version__, "seconds": seconds}))
+"""
+
+
+def run_flex(content: bytes, signature: str, arrays: dict, *, python: str, repeats: int = 0):
+    """Run one signature of a flatbuffer in another Python's ``tf.lite.Interpreter``, for Flex ops.
+
+    TensorFlow's pip wheels linked the Flex delegate into ``tf.lite.Interpreter`` up to 2.18 and
+    dropped it in 2.20 (LiteRT issue 6458); ``ai-edge-litert`` 2.x has none. A full-profile model
+    is therefore run where a TensorFlow <= 2.18 is installed: `python` (e.g. a virtual
+    environment's). Returns ``(outputs, info)``: the signature's output arrays and
+    ``{"tensorflow": version, "seconds": [...]}`` (`repeats` timed calls after the first).
+    """
+    import json
+    import subprocess
+
+    tmp = tempfile.mkdtemp(prefix="tfmeta-flex-")
+    try:
+        model, inputs, outputs = (os.path.join(tmp, f) for f in ("model.tflite", "inputs.npz", "outputs.npz"))
+        with open(model, "wb") as f:
+            f.write(content)
+        np.savez(inputs, **{k: np.asarray(v) for k, v in arrays.items()})
+        try:
+            proc = subprocess.run([python, "-c", _FLEX_RUNNER, model, inputs, outputs, str(repeats), signature],
+                                  capture_output=True, text=True, timeout=600)
+        except OSError as err:
+            raise ValueError(f"{FLEX_PYTHON_ENV}={python!r} cannot be run: {err}") from None
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or ["(no error output)"]
+            raise RuntimeError(f"{FLEX_PYTHON_ENV}={python!r} could not run the model: {lines[-1]}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        with np.load(outputs) as f:
+            return {k: f[k] for k in f.files}, info
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- conversion (TensorFlow) ------------------------------------------------------------------
@@ -275,12 +332,16 @@ def export_tflite(learner, base_dir: str, name: str, *, shots: int, profile: str
 
 
 def benchmark(*, ways: int = 5, shots: int = 1, query: int = 15, filters: int = 64, inner_steps: int = 5,
-              repeats: int = 20, num_threads: int | None = None, seed: int = 0) -> dict:
-    """Size and latency of `adapt_and_predict`: LiteRT (built-in profile) against the SavedModel.
+              repeats: int = 20, num_threads: int | None = None, seed: int = 0,
+              profile: str = DEFAULT_PROFILE, flex_python: str | None = None) -> dict:
+    """Size and latency of `adapt_and_predict`: the ``.tflite`` of `profile` against the SavedModel.
 
-    A conv4 adapting its head (ANIL) for `inner_steps` SGD steps, random weights and inputs (the
-    cost does not depend on training); `ways * shots` support and `ways * query` query images.
-    Median seconds of `repeats` calls after one warm-up call, each engine as shipped.
+    A conv4 adapting for `inner_steps` SGD steps, random weights and inputs (the cost does not
+    depend on training); `ways * shots` support and `ways * query` query images. ``"builtin"``
+    adapts the head (ANIL) and runs in the LiteRT interpreter (``ai_edge_litert``); ``"full"``
+    adapts every layer (MAML) and needs the Flex delegate: it runs in `flex_python` (see
+    :func:`run_flex`) when given, else its LiteRT latency is ``None`` with the interpreter's
+    refusal in ``litert_error``. Median seconds of `repeats` calls after one warm-up call.
     """
     import statistics
     import time
@@ -291,36 +352,58 @@ def benchmark(*, ways: int = 5, shots: int = 1, query: int = 15, filters: int = 
     from tfmeta.core import models
     from tfmeta.core.learner import MetaLearner
 
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r} is not valid: expected one of {list(PROFILES)}.")
     keras.utils.set_random_seed(seed)
-    learner = MetaLearner(models.conv4(ways, filters=filters), inner_steps=inner_steps, adapt="head")
+    adapt = "head" if profile == "builtin" else "all"
+    learner = MetaLearner(models.conv4(ways, filters=filters), inner_steps=inner_steps, adapt=adapt)
     rng = np.random.default_rng(seed)
     sx = rng.random((ways * shots, 28, 28, 1)).astype("float32")
     sy = np.repeat(np.arange(ways, dtype=np.int32), shots)
     qx = rng.random((ways * query, 28, 28, 1)).astype("float32")
+    arrays = {"support_x": sx, "support_y": sy, "query_x": qx}
     root = tempfile.mkdtemp(prefix="tfmeta-litert-bench-")
     try:
         start = time.perf_counter()
-        path = export_tflite(learner, root, "bench", shots=shots)
+        path = export_tflite(learner, root, "bench", shots=shots, profile=profile)
         export_seconds = time.perf_counter() - start
         tflite = os.path.join(path, FILENAME)
-        lite = TFLiteAdapter(tflite, num_threads=num_threads)
-        served = tf.saved_model.load(path).signatures["adapt_and_predict"]
-        tensors = dict(support_x=tf.constant(sx), support_y=tf.constant(sy), query_x=tf.constant(qx))
-        engines = {"litert": lambda: lite.adapt_and_predict(sx, sy, qx),
-                   "saved_model": lambda: served(**tensors)["logits"].numpy()}
-        result = {"ways": ways, "shots": shots, "query": ways * query, "filters": filters,
-                  "inner_steps": inner_steps, "repeats": repeats, "num_threads": num_threads,
-                  "tflite_bytes": os.path.getsize(tflite), "export_seconds": export_seconds}
-        outputs = {}
-        for name, call in engines.items():
-            outputs[name] = call()  # warm-up (the SavedModel traces, LiteRT plans)
+        with open(tflite, "rb") as f:
+            content = f.read()
+        result = {"profile": profile, "adapt": adapt, "ways": ways, "shots": shots, "query": ways * query,
+                  "filters": filters, "inner_steps": inner_steps, "repeats": repeats, "num_threads": num_threads,
+                  "tflite_bytes": len(content), "flex_ops": flex_ops(content), "export_seconds": export_seconds}
+
+        def timed(call):
+            output = call()  # warm-up (the SavedModel traces, LiteRT plans)
             seconds = []
             for _ in range(repeats):
                 begin = time.perf_counter()
                 call()
                 seconds.append(time.perf_counter() - begin)
-            result[f"{name}_seconds_median"] = statistics.median(seconds)
-        result["max_abs_difference"] = float(np.abs(outputs["litert"] - outputs["saved_model"]).max())
+            return output, statistics.median(seconds)
+
+        served = tf.saved_model.load(path).signatures["adapt_and_predict"]
+        tensors = {k: tf.constant(v) for k, v in arrays.items()}
+        expected, result["saved_model_seconds_median"] = timed(lambda: served(**tensors)["logits"].numpy())
+        result["litert_runtime"], result["litert_seconds_median"], got = None, None, None
+        try:
+            lite = TFLiteAdapter(content, num_threads=num_threads)
+            got, result["litert_seconds_median"] = timed(lambda: lite.adapt_and_predict(sx, sy, qx))
+            import ai_edge_litert
+
+            result["litert_runtime"] = f"ai_edge_litert {getattr(ai_edge_litert, '__version__', '')}".strip()
+        except RuntimeError as err:
+            if "Select TensorFlow op" not in str(err):
+                raise
+            if flex_python is None:
+                result["litert_error"] = str(err).splitlines()[0]
+            else:
+                outputs, info = run_flex(content, "adapt_and_predict", arrays, python=flex_python, repeats=repeats)
+                got = outputs["logits"]
+                result["litert_seconds_median"] = statistics.median(info["seconds"])
+                result["litert_runtime"] = f"tf.lite.Interpreter with Flex (TensorFlow {info['tensorflow']}, {flex_python})"
+        result["max_abs_difference"] = None if got is None else float(np.abs(got - expected).max())
         return result
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -89,6 +89,7 @@ class MetaModel(keras.Model):
         self.learner = learner
         self.base_model = learner.model
         self.meta_sgd_rates = list(learner.lr_variables)
+        self.mamlpp_variables = list(learner.lslr_variables) + list(learner.bn_variables)
         self.meta_network = learner.meta_network
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
         #: random layers (Dropout): meta-step k draws its masks from fold_in(this seed, k), so a
@@ -137,6 +138,7 @@ class MetaModel(keras.Model):
             raise TypeError(f"estimator must be a name or an Estimator, got {type(estimator).__name__}.")
         estimator.check_remat(self.learner)
         estimator.check(self.learner)
+        estimator.bind_meta_step(self.meta_step)
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm={clip_norm!r} is not valid: expected a number > 0.")
         if on_nonfinite not in ("stop", "skip"):
