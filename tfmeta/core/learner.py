@@ -24,6 +24,10 @@ Example (meta-network weighting the inner loss)::
 
     learner = MetaLearner(model, task="regression", meta_network=weights, inner_loss=inner_loss)
 
+Size: one class, :class:`MetaLearner`, with its meta-parameters (initialization, Meta-SGD and
+MAML++ rates, per-step BatchNorm, meta-network), adaptation and losses, which every estimator
+reads; the inner loop, optimizers and MAML++ pieces it uses are modules of their own.
+
 References:
     Finn, C., Abbeel, P., Levine, S. "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
     Networks." ICML 2017. arXiv:1703.03400.

@@ -68,6 +68,12 @@ Example:
     >>> for _ in range(300):            # K * M meta-updates, 300 x 8 inner steps in all
     ...     logs = trainer.train_step(batch)
 
+Size: about 75 lines of this docstring map Algorithm 2 onto tfmeta; the rest is one class whose
+state (variables per replica, a round's counter, the task rows) and three task-loop hooks are one
+step of the algorithm. Its samplers (:mod:`tfmeta.data.rounds`), driver
+(:func:`tfmeta.training.recipes.continual_shifting`) and error analysis
+(:mod:`tfmeta.estimators.shifting_analysis`) live elsewhere.
+
 References:
     Shin, J., Lee, H. B., Gong, B., Hwang, S. J. "Large-Scale Meta-Learning with Continual
     Trajectory Shifting." ICML 2021. arXiv:2102.07215.
