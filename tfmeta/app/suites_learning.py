@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from tfmeta.core.files import write_json
+
 #: learn2learn's virtual environment (``../shared/peerbench/README.md`` installs it there).
 PEER_PYTHON = os.path.join("~", ".cache", "peer-venv", "bin", "python")
 PEER_SCRIPT = "l2l_omniglot.py"
@@ -295,8 +297,4 @@ def plot(report: dict, plot_dir: str) -> list[str]:
 def _write(report: dict, path: str | None) -> None:
     if not path:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, report, indent=1)
