@@ -77,3 +77,22 @@ def test_inner_loop_warning_fires_on_10x_kernels_not_on_default():
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "VarianceScaling(1/3, 'fan_in', 'uniform')" in message and "README" in message
+
+
+def test_inner_loop_warning_says_when_the_support_loss_rises():
+    """An inner learning rate so large that the steps overshoot: the warning says the loss rises
+    and to lower the rate, not "drops by -X%" with advice to raise it."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+    learner = MetaLearner(model, task="regression", inner_lr=50.0, inner_steps=3)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 10, 4)).astype("float32")
+    y = rng.normal(size=(2, 10, 1)).astype("float32")
+    from tfmeta.core.task import Task
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = learner.check_inner_loop(Task(x, y, x, y))
+    assert report["support_loss_drop"] < 0 and report["stalled"]
+    message = str([w for w in caught if issubclass(w.category, InnerLoopWarning)][0].message)
+    assert "the support loss rises by" in message and "lower the inner learning rate" in message
+    assert "drops by -" not in message

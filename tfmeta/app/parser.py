@@ -149,7 +149,7 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     from tfmeta.app.config import TrainOptions
 
     t = TrainOptions()  # the one source of `tfmeta train`'s run-option defaults
-    parser = argparse.ArgumentParser(prog="tfmeta", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="tfmeta", description="The `tfmeta` command line: train, evaluate, export, bench, search.",
                                      formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -393,7 +393,10 @@ class MetaLearner:
         normalized = any(isinstance(layer, _NORMALIZATION) for layer in _all_layers(self.model))
         median = float(np.median(changes)) if normalized and changes else None
         reasons = []
-        if effect["support_loss_drop"] < min_drop:
+        if effect["support_loss_drop"] < 0:
+            reasons.append(f"the support loss rises by {-100 * effect['support_loss_drop']:.1f}% (the inner "
+                           "steps overshoot: lower the inner learning rate)")
+        elif effect["support_loss_drop"] < min_drop:
             reasons.append(f"the support loss drops by {100 * effect['support_loss_drop']:.1f}% "
                            f"(below {100 * min_drop:g}%)")
         if median is not None and median < min_change:
