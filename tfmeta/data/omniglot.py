@@ -39,6 +39,10 @@ Example:
     >>> images, labels = splits["test"]  # doctest: +SKIP
     >>> images.shape, len(set(labels))  # doctest: +SKIP
     ((1920, 28, 28, 1), 96)
+
+Size (about 420 lines): one loader for three sources (archives, extracted folders, tensorflow-datasets),
+its on-disk cache and the offline check; they share the alphabet split and the decoding, so they stay
+together.
 """
 
 from __future__ import annotations
