@@ -50,10 +50,10 @@ References:
 
 from __future__ import annotations
 
-import argparse
-
 import keras
 import tensorflow as tf
+
+from tfmeta.core import checks
 
 CITATION = "Antoniou, Edwards, Storkey 2019, How to train your MAML, ICLR 2019, arXiv:1810.09502"
 
@@ -61,20 +61,8 @@ CITATION = "Antoniou, Edwards, Storkey 2019, How to train your MAML, ICLR 2019, 
 MSL_FLOOR = 0.03
 
 
-def nonnegative_steps(flag: str):
-    """An argparse type for an annealing length in meta-steps (an integer >= 0) named `flag`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < 0:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 0 (meta-steps), got {text!r}")
-        return value
-
-    parse.__name__ = flag
-    return parse
+#: the argparse type of an annealing length in meta-steps (an integer >= 0; argparse names the flag).
+nonnegative_steps = checks.flag_type(int, lambda value: value >= 0, "an integer >= 0 (meta-steps)")
 
 
 def check_steps(name: str, value) -> int:

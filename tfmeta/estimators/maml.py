@@ -52,10 +52,10 @@ class MAML(Estimator):
     name = "maml"
     second_order = True
     flags = (
-        Flag("msl_steps", mamlpp.nonnegative_steps("--msl-steps"), 0,
+        Flag("msl_steps", mamlpp.nonnegative_steps, 0,
              "maml estimator: MAML++ multi-step loss over the first N meta-steps, its weights annealed "
              "towards the last inner step (Antoniou et al. 2019); 0: off"),
-        Flag("first_order_steps", mamlpp.nonnegative_steps("--first-order-steps"), 0,
+        Flag("first_order_steps", mamlpp.nonnegative_steps, 0,
              "maml estimator: MAML++ derivative-order annealing, first order for the first N meta-steps, "
              "then second order (Antoniou et al. 2019); 0: off"),
     )
