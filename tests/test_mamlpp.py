@@ -227,7 +227,9 @@ def test_preset_builds_the_papers_learner_and_keras_cosine_schedule():
     assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
     np.testing.assert_allclose([float(schedule(0)), float(schedule(25000)), float(schedule(50000))],
                                [1e-3, (1e-3 + 1e-5) / 2, 1e-5], rtol=1e-5)
-    without = cli._parser(with_search=False).parse_args(
-        ["train", "--preset", "maml++", "--dataset", "sinusoid", "--no-per-step-bn"])
-    cli.apply_preset(without, ["train", "--preset", "maml++", "--dataset", "sinusoid", "--no-per-step-bn"])
-    assert cli.run_config(without).per_step_bn is False  # an explicit flag overrides the preset
+    assert config.per_step_bn_stats and len(learner.bn_statistics) == 4  # BNRS: conv4's four BatchNorm layers
+    argv = ["train", "--preset", "maml++", "--dataset", "sinusoid", "--no-per-step-bn", "--no-per-step-bn-stats"]
+    without = cli._parser(with_search=False).parse_args(argv)
+    cli.apply_preset(without, argv)
+    config = cli.run_config(without)  # explicit flags override the preset
+    assert config.per_step_bn is False and config.per_step_bn_stats is False

@@ -320,6 +320,8 @@ def cmd_export(args) -> dict:
     name = args.name or f"{config.dataset}_{config.estimator}"
     if args.adapt_on is not None and args.tflite:
         raise ValueError("--tflite exports the adapting model; it cannot be combined with --adapt-on.")
+    if args.statistics == "running" and args.adapt_on is None:
+        raise ValueError("--statistics running applies to an adapted model: expected --adapt-on SUPPORT.npz.")
     if args.tflite:
         from tfmeta.export import tflite as export_tflite
 
@@ -339,8 +341,12 @@ def cmd_export(args) -> dict:
             missing = {"support_x", "support_y"} - set(support.files)
             if missing:
                 raise ValueError(f"--adapt-on={args.adapt_on!r} lacks arrays {sorted(missing)}.")
+            if args.statistics == "running" and not learner.bn_statistics:
+                raise ValueError(f"--statistics running: the run in {run_dir!r} keeps no per-step running "
+                                 "statistics (expected a run trained with --per-step-bn-stats, e.g. --preset maml++).")
             path = export.export_adapted(learner, support["support_x"], support["support_y"],
-                                         args.export_dir, args.name or f"{name}_adapted")
+                                         args.export_dir, args.name or f"{name}_adapted",
+                                         statistics=args.statistics)
     print(f"exported {run_dir} to {path}")
     return {"run_dir": run_dir, "export": path}
 

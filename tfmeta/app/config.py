@@ -95,6 +95,8 @@ class RunConfig:
     #: BatchNorm weights (BNWB), options of the learner.
     lslr: bool = False
     per_step_bn: bool = False
+    #: MAML++'s per-step BatchNorm running statistics (BNRS), kept by the learner.
+    per_step_bn_stats: bool = False
     #: the meta learning rate: "constant" or "cosine" (Keras' CosineDecay from meta_lr to
     #: min_meta_lr over the run's iterations; MAML++).
     meta_lr_schedule: str = "constant"
@@ -223,11 +225,21 @@ def _check_mamlpp(config: RunConfig) -> None:
                          f"number in [0, --meta-lr {config.meta_lr:g}].")
     if config.min_meta_lr and config.meta_lr_schedule == "constant":
         raise ValueError(f"--min-meta-lr {config.min_meta_lr:g} applies only to --meta-lr-schedule cosine.")
-    if config.per_step_bn and config.model != "conv4":
-        raise ValueError(f"per_step_bn=True (--per-step-bn) needs a model with BatchNorm: expected "
-                         f"--model conv4, got {config.model!r}.")
+    for flag, on in (("per_step_bn=True (--per-step-bn)", config.per_step_bn),
+                     ("per_step_bn_stats=True (--per-step-bn-stats)", config.per_step_bn_stats)):
+        if on and config.model != "conv4":
+            raise ValueError(f"{flag} needs a model with BatchNorm: expected --model conv4, got {config.model!r}.")
+    if config.per_step_bn_stats and config.remat != "none":
+        raise ValueError(f"--per-step-bn-stats is not valid with --remat {config.remat}: a rematerialised window "
+                         "does not replay the statistics pass. Expected --remat none.")
     if config.lslr and config.dataset == "synthetic2d":
         raise ValueError("lslr=True (--lslr) is not available with --dataset synthetic2d.")
+    if config.per_step_bn_stats:  # the estimator refuses the same when it is compiled
+        if config.estimator in ("reptile", "implicit", "shifting"):
+            raise ValueError(f"--per-step-bn-stats is not valid with --estimator {config.estimator}: MAML++'s "
+                             "options need an inner loop from the initialization to collect the statistics along. "
+                             "Expected --estimator maml, fomaml or reuse.")
+        build_estimator(config).check_statistics(types.SimpleNamespace(bn_statistics=[None]))
     for flag, on in (("--lslr", config.lslr), ("--per-step-bn", config.per_step_bn)):
         if on and config.estimator in ("reptile", "implicit", "shifting", "fomaml") and not (
                 flag == "--per-step-bn" and config.estimator == "fomaml"):
@@ -280,6 +292,7 @@ def build_learner(config: RunConfig) -> MetaLearner:
         remat=config.remat,
         lslr=config.lslr,
         per_step_bn=config.per_step_bn,
+        per_step_bn_stats=config.per_step_bn_stats,
     )
 
 

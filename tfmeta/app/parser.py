@@ -96,6 +96,9 @@ def _add_train_flags(p):
                    help="MAML++: meta-learn one inner learning rate per layer weight and inner step")
     p.add_argument("--per-step-bn", action=argparse.BooleanOptionalAction, default=d.per_step_bn,
                    help="MAML++: one meta-learned set of BatchNorm gamma/beta per inner step (needs BatchNorm: conv4)")
+    p.add_argument("--per-step-bn-stats", action=argparse.BooleanOptionalAction, default=d.per_step_bn_stats,
+                   help="MAML++: BatchNorm running statistics per inner step, each moved by its own step's batch "
+                        "moments (for inference without a batch; needs BatchNorm: conv4)")
     _add_remat_flag(p)
     _add_estimator_flags(p)
 
@@ -206,6 +209,10 @@ def _parser(with_search: bool = True) -> argparse.ArgumentParser:
     export.add_argument("--name", default=None, help="model name (default <dataset>_<estimator>)")
     export.add_argument("--adapt-on", default=None, metavar="SUPPORT.npz",
                         help="export the model adapted to one task: an .npz with support_x and support_y")
+    export.add_argument("--statistics", default="batch", choices=["batch", "running"],
+                        help="with --adapt-on: BatchNorm normalises with the batch, or with the per-step running "
+                             "statistics of the last inner step (a run trained with --per-step-bn-stats; predicts "
+                             "one example at a time)")
     export.add_argument("--checkpoint", default=None, metavar="CKPT",
                         help="export this checkpoint (e.g. ckpt-20) instead of the latest")
     from tfmeta.export.tflite import DEFAULT_PROFILE, PROFILES

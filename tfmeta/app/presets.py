@@ -95,9 +95,9 @@ PRESETS: dict[str, Preset] = {
         dict(estimator="maml", dataset="omniglot", ways=5, shots=1, inner_steps=5, inner_lr=0.1,
              inner_optimizer="sgd", meta_batch=8, meta_optimizer="adam", meta_lr=1e-3,
              meta_lr_schedule="cosine", min_meta_lr=1e-5, iterations=100 * MAMLPP_EPOCH,
-             lslr=True, per_step_bn=True, msl_steps=10 * MAMLPP_EPOCH,
+             lslr=True, per_step_bn=True, per_step_bn_stats=True, msl_steps=10 * MAMLPP_EPOCH,
              first_order_steps=50 * MAMLPP_EPOCH),
-        MAMLPP, "Sec. 4 (MSL, DA after 50 epochs, BNWB, LSLR, CA) and the authors' Omniglot 5-way 1-shot "
+        MAMLPP, "Sec. 4 (MSL, DA after 50 epochs, BNWB, BNRS, LSLR, CA) and the authors' Omniglot 5-way 1-shot "
         "configuration (epochs of 500 meta-steps; see docs/mamlpp.md)",
         "query examples per class",
     ),

@@ -171,14 +171,28 @@ def pointwise_subsampling(layers: Sequence[keras.layers.Layer]):
             object.__delattr__(layer, "call")
 
 
+def _recording(fn, record: dict, index: int):
+    """`fn` (a `_moments` function) that also stores its result, gradient stopped, in
+    ``record[index]``."""
+    def moments(layer, inputs, mask):
+        mean, variance = fn(layer, inputs, mask)
+        record[index] = (tf.stop_gradient(mean), tf.stop_gradient(variance))
+        return mean, variance
+    return moments
+
+
 @contextlib.contextmanager
-def batchnorm_policy(layers: Sequence[keras.layers.Layer], policy: str, *, fused: bool = False):
+def batchnorm_policy(layers: Sequence[keras.layers.Layer], policy: str, *, fused: bool = False,
+                     record: dict | None = None):
     """Temporarily replace `_moments` of BatchNormalization `layers` (see module docstring);
-    with `fused` (policy "batch" only) also their call, by :func:`_fused_batch_call`."""
+    with `fused` (policy "batch" only) also their call, by :func:`_fused_batch_call`. With a
+    `record` dict (policy "batch", not fused), ``record[i]`` receives the batch moments of
+    ``layers[i]`` (its last call)."""
     fn = {"batch": _exact_moments, "running": _running_moments}[policy]
     fused = fused and policy == "batch"
-    for layer in layers:
-        object.__setattr__(layer, "_moments", types.MethodType(fn, layer))
+    for index, layer in enumerate(layers):
+        moments = fn if record is None else _recording(fn, record, index)
+        object.__setattr__(layer, "_moments", types.MethodType(moments, layer))
         if fused:
             object.__setattr__(layer, "call", types.MethodType(_fused_batch_call, layer))
     try:
@@ -319,6 +333,29 @@ class FunctionalModel:
             for i in self.random_states:
                 variables[i].assign(new_states[i])
         return outputs
+
+    def batch_moments(self, params: Sequence[tf.Tensor], x) -> list[tuple[tf.Tensor, tf.Tensor]]:
+        """The exact batch mean and variance at the input of every BatchNormalization layer, in
+        ``bn_layers`` order, in one training-mode pass of the model at `params` on `x` (policy
+        "batch"); constants: no gradient flows through them. MAML++'s per-step running statistics
+        (:mod:`tfmeta.core.mamlpp`) are averages of these."""
+        if self.batchnorm != "batch":
+            raise ValueError(f"batch_moments needs the BatchNorm policy 'batch', not {self.batchnorm!r}.")
+        record: dict = {}
+        states = self.state()
+        with batchnorm_policy(self._bn_layers, "batch", record=record), \
+                pointwise_subsampling(self._strided_pointwise):
+            self.model.stateless_call([tf.stop_gradient(p) for p in params], states, x, training=True)
+        missing = [layer.name for i, layer in enumerate(self._bn_layers) if i not in record]
+        if missing:
+            raise ValueError(f"BatchNormalization layers {missing} took no batch statistics in a training pass "
+                             "(not trainable, or not called): expected every one to normalise with its batch.")
+        return [record[i] for i in range(len(self._bn_layers))]
+
+    @property
+    def bn_layers(self) -> list:
+        """The model's BatchNormalization layers, in the order of :meth:`batch_moments`."""
+        return list(self._bn_layers)
 
     def draw_seed(self) -> tf.Tensor:
         """A seed for a scope of :mod:`tfmeta.core.randomness`, drawn from (and advancing) the model's

@@ -38,21 +38,11 @@ References:
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
 from tfmeta.core import inner_optimizers, randomness
-
-_LOCAL = threading.local()
-
-
-def current_step():
-    """The 0-based index (an int32 tensor) of the inner step whose gradient is being evaluated,
-    while `loss_fn` runs inside :func:`run`; None outside. Per-step BatchNorm weights
-    (:mod:`tfmeta.core.mamlpp`) read it to pick the set of step k."""
-    return getattr(_LOCAL, "step", None)
 
 
 def _step_rates(rates, t):
@@ -103,6 +93,7 @@ def run(
     loss_args: Sequence[tf.Tensor] = (),
     loss_constants: Sequence[tf.Tensor] = (),
     step_rates: bool = False,
+    step_argument: bool = False,
 ):
     """Adapt `params` by `steps` optimizer steps on `loss_fn(params)`.
 
@@ -131,6 +122,9 @@ def run(
         loss_args: tensors passed to `loss_fn` after the params (e.g. the meta-parameters).
         loss_constants: tensors passed to `loss_fn` after `loss_args`, never differentiated
             (e.g. the support set).
+        step_argument: also pass ``step=t``, the 0-based index (an int32 tensor) of the inner
+            step whose gradient is evaluated: ``loss_fn(params, *loss_args, *loss_constants,
+            step=t)`` (per-step BatchNorm weights pick the set of step t, :mod:`tfmeta.core.mamlpp`).
 
     Returns:
         The last iterate (a list), or ``(last iterate, observer accumulator)`` with an observer.
@@ -145,30 +139,25 @@ def run(
     loss_constants = list(loss_constants)
     loss_args = list(loss_args) + loss_constants
 
-    def compute(params, args, keep: bool):
+    def compute(params, t, args, keep: bool):
         with tf.GradientTape() as tape:
             tape.watch(params)
-            loss = loss_fn(params, *args)
+            loss = loss_fn(params, *args, step=t) if step_argument else loss_fn(params, *args)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return grads if keep else [tf.stop_gradient(g) for g in grads]
 
-    def gradient(params, args):
+    def gradient(params, t, args):
         if dynamic:
             # the order is chosen in the graph: each branch computes the gradient, the
             # first-order one stops it, so its backward pass computes no Hessian term at all
-            return tf.cond(second_order, lambda: compute(params, args, True),
-                           lambda: compute(params, args, False))
-        return compute(params, args, second_order)
+            return tf.cond(second_order, lambda: compute(params, t, args, True),
+                           lambda: compute(params, t, args, False))
+        return compute(params, t, args, second_order)
 
     def window(t, params, state, acc, length: int, rate, args):
         """One gradient evaluation, then `length` optimizer steps with that gradient."""
-        previous = current_step()
-        _LOCAL.step = t
-        try:
-            with randomness.fold(t):  # random layers: fresh masks for each gradient evaluation
-                grads = gradient(params, args)
-        finally:
-            _LOCAL.step = previous
+        with randomness.fold(t):  # random layers: fresh masks for each gradient evaluation
+            grads = gradient(params, t, args)
         for j in range(length):
             rate_j = _step_rates(rate, t + j) if step_rates else rate
             new_params, state = inner_optimizers.step(optimizer, params, grads, state, rate_j)

@@ -170,6 +170,12 @@ class MetaLearner:
             the iterate phi_k (k inner steps done) uses set k; set 0 is the model's own weights,
             sets 1..T are `bn_variables`. Adapted parameters carry the set of their step, so a
             plain model or SavedModel made from them predicts with it.
+        per_step_bn_stats: keep BatchNorm running statistics per inner step (MAML++'s BNRS,
+            Antoniou et al. 2019, Sec. 4): `bn_statistics`, row k of each the running mean or
+            variance at the iterate phi_k, moved by step k's batch moments only, once per
+            meta-step (:func:`tfmeta.core.mamlpp.update_statistics`). Training and the exported
+            signatures still normalise with the batch; the statistics serve inference without a
+            batch: ``MetaModel.adapt(..., statistics="running")``. Needs policy "batch", no remat.
         unroll: unroll the inner loop in the graph instead of a `tf.while_loop`.
         remat: rematerialise the inner loop when it is differentiated (second order): None or
             "none", "sqrt" (a checkpoint every ~sqrt(T) steps) or "every:K" / K (1 <= K <= T).
@@ -196,6 +202,7 @@ class MetaLearner:
         remat=None,
         lslr: bool = False,
         per_step_bn: bool = False,
+        per_step_bn_stats: bool = False,
     ):
         if task not in TASK_TYPES:
             raise ValueError(f"task={task!r} is not valid: expected one of {TASK_TYPES}.")
@@ -226,6 +233,8 @@ class MetaLearner:
         # MAML++ (first: per-step BatchNorm takes the BatchNorm weights out of the adapted ones)
         self.lslr_variables, self.bn_variables, self.bn_indices = mamlpp.build_variables(
             self, lslr=lslr, per_step_bn=per_step_bn, meta_sgd=meta_sgd)
+        #: BNRS: per BatchNorm layer, (mean, variance) variables [T+1, channels]; not meta-parameters.
+        self.bn_statistics = mamlpp.build_statistics(self, per_step_bn_stats)
         self.lr_variables = []
         if meta_sgd:
             self.lr_variables = [
@@ -243,14 +252,15 @@ class MetaLearner:
 
     @classmethod
     def mamlpp(cls, model: keras.Model, *, inner_lr: float = 0.1, inner_steps: int = 5,
-               lslr: bool = True, per_step_bn: bool = True, **kwargs) -> "MetaLearner":
-        """A learner with MAML++'s learner options: per-layer per-step learning rates (LSLR) and
-        per-step BatchNorm weights, inner SGD 0.1 x 5 steps (Antoniou, Edwards, Storkey 2019,
+               lslr: bool = True, per_step_bn: bool = True, per_step_bn_stats: bool = True,
+               **kwargs) -> "MetaLearner":
+        """A learner with MAML++'s learner options: per-layer per-step learning rates (LSLR),
+        per-step BatchNorm weights and running statistics, inner SGD 0.1 x 5 steps (Antoniou, Edwards, Storkey 2019,
         arXiv:1810.09502; the authors' Omniglot setting). Train it with
         ``estimators.get("maml", msl_steps=..., first_order_steps=...)`` and a cosine meta learning
         rate (:mod:`tfmeta.core.mamlpp`, ``docs/mamlpp.md``)."""
         return cls(model, inner_lr=inner_lr, inner_steps=inner_steps, lslr=lslr,
-                   per_step_bn=per_step_bn, **kwargs)
+                   per_step_bn=per_step_bn, per_step_bn_stats=per_step_bn_stats, **kwargs)
 
     # -- meta-parameters -------------------------------------------------------------------------
     @property
@@ -437,7 +447,7 @@ class MetaLearner:
         sizes = [len(part) for part in meta]
         total = sum(sizes)
 
-        def loss_fn(adapted, *flat):
+        def loss_fn(adapted, *flat, step):
             # the meta-parameters, the support set and the model's state come in as arguments
             # (neither captured nor read from variables), so that a rematerialised window
             # (remat) rebinds them, the meta-parameters receive their gradients through it, and
@@ -450,7 +460,7 @@ class MetaLearner:
             x_, y_, *state = flat[total:]
             params = self.fmodel.merge(inner.init, adapted)
             if inner.bn:  # per-step BatchNorm: the set of the step being evaluated
-                params = self.at_step(params, inner, inner_loop.current_step())
+                params = self.at_step(params, inner, step)
             with self.fmodel.given_state(state):
                 return self.inner_loss(params, inner, x_, y_)
 
@@ -463,6 +473,7 @@ class MetaLearner:
             steps,
             learning_rate=list(meta.lslr) if lslr else (list(meta.lr) or None),
             step_rates=lslr,
+            step_argument=True,
             second_order=second_order,
             unroll=self.unroll,
             reuse_window=reuse_window,

@@ -27,6 +27,15 @@ Each fix is an option of the part it belongs to, so it composes with the rest of
   second order after. The order is a boolean tensor read from the meta-step inside the compiled
   step (a `tf.cond` around each inner gradient), so the switch costs no retrace; in the
   first-order branch the backward pass computes no Hessian term.
+- **Per-step BatchNorm running statistics (BNRS)**, ``MetaLearner(..., per_step_bn_stats=True)``
+  (``--per-step-bn-stats``): per BatchNorm layer a running mean and variance for each iterate
+  phi_0..phi_T (the learner's ``bn_statistics``, ``[T+1, channels]`` each). Row k is moved only by
+  the batch moments of the support set at phi_k (:func:`statistics_observer`, one forward pass on
+  constants per inner step), averaged over the meta-batch's tasks, once per meta-step, with the
+  layer's momentum after a cumulative average over the first meta-steps
+  (:func:`update_statistics`). Training and the exported signatures still
+  normalise with the batch; ``MetaModel.adapt(..., statistics="running")`` gives a plain Keras
+  model whose stock BatchNorm layers hold row T, to predict one example at a time.
 - **Cosine annealing of the meta learning rate** (``--meta-lr-schedule cosine --min-meta-lr``):
   Keras' own ``keras.optimizers.schedules.CosineDecay`` over the run's iterations
   (:func:`cosine_meta_lr`).
@@ -40,9 +49,11 @@ Differences from the reference implementation (HowToTrainYourMAMLPytorch), by de
   the update); tfmeta uses set k, the set of the iterate the pass runs at, so phi_T's support and
   query passes share one set;
 - the MSL weights and DA switch move per meta-step, not per epoch of 500 meta-steps;
-- per-step running statistics (BNRS) are not kept: tfmeta normalises with the batch's exact
-  moments in training, evaluation and serving (as the reference implementation does, which runs
-  its BatchNorm in training mode throughout), so running statistics would never be read.
+- BNRS: the reference moves step k's statistics on every forward pass of step k (support and
+  query, task after task, PyTorch momentum 0.1) and never normalises with them (its BatchNorm
+  runs in training mode throughout); tfmeta moves row k once per meta-step by the tasks' mean
+  support moments at phi_k (a cumulative average, then the layer's momentum), and uses the rows for inference
+  without a batch.
 
 References:
     Antoniou, Edwards, Storkey. How to train your MAML. ICLR 2019. arXiv:1810.09502.
@@ -136,10 +147,112 @@ def bn_at_step(learner, params, meta, step) -> list:
     return params
 
 
+# -- learner: per-step BatchNorm running statistics (BNRS) ------------------------------------------
+def build_statistics(learner, on: bool) -> list:
+    """BNRS: per BatchNorm layer, a ``(mean, variance)`` pair of non-trainable ``[T+1, channels]``
+    variables, row k for the iterate phi_k (k inner steps done), each row starting from the layer's
+    own running statistics. Not meta-parameters: the task loop averages them (see
+    :func:`statistics_observer`, :func:`update_statistics`)."""
+    if not isinstance(on, bool):
+        raise ValueError(f"per_step_bn_stats={on!r} (--per-step-bn-stats) is not valid: expected True or False.")
+    if not on:
+        return []
+    fmodel, rows = learner.fmodel, learner.inner_steps + 1
+    layers = fmodel.bn_layers
+    if not layers:
+        raise ValueError(f"per_step_bn_stats=True (--per-step-bn-stats): model {learner.model.name!r} has no "
+                         "BatchNormalization layer.")
+    if fmodel.batchnorm != "batch":
+        raise ValueError(f"per_step_bn_stats=True (--per-step-bn-stats) is not valid with batchnorm="
+                         f"{fmodel.batchnorm!r}: the statistics are averages of the batch moments that policy "
+                         "'batch' normalises with. Expected batchnorm='batch'.")
+    if learner.remat is not None:
+        raise ValueError(f"per_step_bn_stats=True (--per-step-bn-stats) is not valid with remat={learner.remat!r} "
+                         "(--remat): a rematerialised window does not replay the statistics pass. Expected "
+                         "--remat none.")
+    #: how many meta-steps moved the statistics (see update_statistics); a float, so that every
+    #: replica's identical assignment averages to itself under tf.distribute.
+    learner.bn_statistics_count = keras.Variable(0.0, name="per_step_bn_updates", trainable=False,
+                                                 aggregation="mean")
+    statistics = []
+    for k, layer in enumerate(layers):
+        pair = []
+        for part, own in (("mean", layer.moving_mean), ("variance", layer.moving_variance)):
+            value = tf.cast(tf.convert_to_tensor(own.value), tf.float32)
+            pair.append(keras.Variable(tf.tile(value[None], [rows, 1]), name=f"per_step_bn_{part}_{k}",
+                                       trainable=False, aggregation="mean"))
+        statistics.append(tuple(pair))
+    return statistics
+
+
+def statistics_observer(learner, meta, x):
+    """An inner-loop observer that collects BNRS's per-step batch moments of one task.
+
+    Its accumulator holds, per BatchNorm layer, ``[T+1, channels]`` means and variances: row k
+    is the moments of the support batch at the iterate phi_k, k = 0..T (with per-step BatchNorm
+    weights, those of set k). Each row is written by step k's pass alone (Antoniou et al. 2019,
+    Sec. 4, BNRS: "step k's statistics are updated only by step k"). The passes run on constants
+    (no gradient, no Hessian term): one forward pass on the support set `x` per inner step."""
+    from tfmeta.core.inner_loop import Observer
+
+    rows = learner.inner_steps + 1
+    init = [tf.stop_gradient(t) for t in meta.init]
+
+    def moments_at(adapted, step):
+        full = learner.at_step(learner.fmodel.merge(init, adapted), meta, step)
+        return learner.fmodel.batch_moments(full, x)
+
+    def write(acc, row, adapted):
+        pick = tf.one_hot(row, rows)[:, None]
+        return [(m + pick * (tf.cast(mean, tf.float32)[None] - m), v + pick * (tf.cast(var, tf.float32)[None] - v))
+                for (m, v), (mean, var) in zip(acc, moments_at(adapted, row))]
+
+    def start(params):
+        acc = [(tf.zeros([rows, mean.shape[-1]]), tf.zeros([rows, mean.shape[-1]]))
+               for mean, _ in learner.bn_statistics]
+        return write(acc, 0, params)
+
+    def update(acc, step, params, grads, new_params):
+        del params, grads
+        return write(acc, step + 1, new_params)
+
+    return Observer(init=start, update=update)
+
+
+def update_statistics(learner, stacked, after) -> None:
+    """Move each per-step running statistic towards the mean over the meta-batch's tasks of its
+    step's batch moments, after `after`: ``s = m s + (1 - m) batch`` with m the smaller of the
+    layer's momentum (as Keras' BatchNormalization moves its own) and n / (n + 1) after n earlier
+    updates. So the first meta-step sets the statistics, the next ones average them, and from
+    n = momentum / (1 - momentum) on (99 for Keras' 0.99) they move as Keras' do: a short run has
+    statistics of its own batches, not the layer's initial ones. Rows whose task mean is not finite
+    keep their values. `stacked`: per layer ``(means [M, T+1, C], variances [M, T+1, C])``."""
+    count = learner.bn_statistics_count
+    with tf.control_dependencies([after]):
+        n = tf.convert_to_tensor(count.value)
+        for layer, variables, moments in zip(learner.fmodel.bn_layers, learner.bn_statistics, stacked):
+            momentum = tf.minimum(float(layer.momentum), n / (n + 1.0))
+            for variable, batch in zip(variables, moments):
+                mean = tf.reduce_mean(batch, 0)
+                old = variable.value
+                new = momentum * old + (1.0 - momentum) * mean
+                variable.assign(tf.where(tf.math.is_finite(mean), new, old))
+        count.assign(n + 1.0)
+
+
+def statistics_at(learner, step: int) -> list:
+    """BNRS: ``[(mean, variance), ...]`` per BatchNorm layer for the iterate of inner step `step`
+    (steps past T use row T), as numpy arrays."""
+    row = min(int(step), learner.inner_steps)
+    return [(mean.numpy()[row], variance.numpy()[row]) for mean, variance in learner.bn_statistics]
+
+
 def refuse(learner, estimator: str) -> None:
     """ValueError naming the flags when `estimator` cannot train the learner's MAML++ options."""
     given = [name for name, on in (("lslr=True (--lslr)", learner.lslr_variables),
-                                   ("per_step_bn=True (--per-step-bn)", learner.bn_variables)) if on]
+                                   ("per_step_bn=True (--per-step-bn)", learner.bn_variables),
+                                   ("per_step_bn_stats=True (--per-step-bn-stats)", learner.bn_statistics))
+             if on]
     if given:
         raise ValueError(
             f"{' and '.join(given)} is not valid with estimator={estimator!r}: these meta-parameters "

@@ -20,7 +20,10 @@ normalised on its own: pass ``batch_size=len(x)`` to normalise over a whole quer
 ``adapt_and_predict`` does.
 
 Under policy ``"running"`` (and for BatchNormalization layers that are not trainable, which use
-their running statistics in tfmeta too) the copy keeps stock layers.
+their running statistics in tfmeta too) the copy keeps stock layers. So does a copy given
+``statistics``: MAML++'s per-step running statistics (``MetaLearner(per_step_bn_stats=True)``),
+which its stock layers then hold as their running mean and variance, so that `predict` normalises
+every example alone, without a batch (non-transductive).
 
 Example:
     >>> plain = plain_model(learner.model, adapted_params)
@@ -82,7 +85,8 @@ def _batch_statistics_block(layer: keras.layers.BatchNormalization) -> keras.Mod
     return keras.Model(inputs, x, name=layer.name)
 
 
-def plain_model(model: keras.Model, params: Sequence | None = None, *, batchnorm: str = "batch") -> keras.Model:
+def plain_model(model: keras.Model, params: Sequence | None = None, *, batchnorm: str = "batch",
+                statistics: Sequence | None = None) -> keras.Model:
     """A stock Keras copy of `model` that predicts as tfmeta runs it (see module docstring).
 
     Args:
@@ -90,12 +94,23 @@ def plain_model(model: keras.Model, params: Sequence | None = None, *, batchnorm
         params: values for its trainable weights, in ``model.trainable_variables`` order (e.g.
             adapted parameters); default the model's current weights.
         batchnorm: the learner's BatchNorm policy, "batch" or "running".
+        statistics: None, or ``(mean, variance)`` per BatchNormalization layer (in the order of
+            ``model._flatten_layers()``): stock layers with these running statistics.
 
     Raises:
         ValueError: a subclassed model with BatchNormalization under the "batch" policy (its layers
             cannot be swapped; use a functional model, ``batchnorm="running"``, or the exported
             SavedModel), or an unsupported BatchNormalization configuration.
     """
+    if statistics is not None:
+        layers = [l for l in model._flatten_layers(include_self=False)
+                  if isinstance(l, keras.layers.BatchNormalization)]
+        if len(statistics) != len(layers):
+            raise ValueError(f"statistics has {len(statistics)} (mean, variance) pairs: expected one per "
+                             f"BatchNormalization layer of model {model.name!r} ({len(layers)}).")
+        given = {id(v): value for layer, pair in zip(layers, statistics)
+                 for v, value in zip((layer.moving_mean, layer.moving_variance), pair)}
+        batchnorm = "running"  # stock layers, which read the running statistics in inference
     bn = [l for l in model._flatten_layers(include_self=False) if _is_batch_statistics(l, batchnorm)]
     if not bn:
         clone = keras.models.clone_model(model)
@@ -115,6 +130,8 @@ def plain_model(model: keras.Model, params: Sequence | None = None, *, batchnorm
         clone = keras.models.clone_model(model, clone_function=clone_layer)
     replaced = {id(v) for layer in bn for v in (layer.moving_mean, layer.moving_variance)}
     state = [v for v in model.non_trainable_variables if id(v) not in replaced]
+    if statistics is not None:
+        state = [given.get(id(v), v) for v in state]
     values = list(params) if params is not None else [v.value for v in model.trainable_variables]
     pairs = list(zip(clone.trainable_variables, values)) + list(zip(clone.non_trainable_variables, state))
     if len(clone.trainable_variables) != len(values) or len(clone.non_trainable_variables) != len(state):

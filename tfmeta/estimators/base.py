@@ -22,7 +22,7 @@ References:
     Kim, J.-H., Park, J., Choi, Y. "Multi-step Estimation for Gradient-based Meta-learning."
     2020. arXiv:2004.05439. Eq. 9 (the meta-gradient as the mean of the task gradients).
 
-Size (about 420 lines): the estimator interface, its registry and flags, and the one task loop with its
+Size (about 460 lines): the estimator interface, its registry and flags, and the one task loop with its
 hooks that every estimator runs; they change together.
 """
 
@@ -35,7 +35,7 @@ from typing import Any, ClassVar, NamedTuple, Sequence
 
 import tensorflow as tf
 
-from tfmeta.core import checks, linearity, randomness
+from tfmeta.core import checks, linearity, mamlpp, randomness
 from tfmeta.core.learner import MetaLearner
 from tfmeta.core.task import MetaGradient, Task
 
@@ -225,6 +225,30 @@ class Estimator(abc.ABC):
                 "second-order estimator (maml, reuse, linearity with a second-order base)."
             )
 
+    def check_statistics(self, learner: MetaLearner) -> None:
+        """Raise ValueError, naming --per-step-bn-stats, if this estimator cannot keep the
+        learner's per-step BatchNorm running statistics (MAML++'s BNRS).
+
+        The default hooks collect them: :meth:`task_step` hands
+        :func:`~tfmeta.core.mamlpp.statistics_observer` to ``task_gradient(..., observer=)`` and
+        :meth:`end_step` averages the tasks' moments into ``learner.bn_statistics``. An estimator
+        with its own hooks, a task_gradient without an observer, or no inner loop from the
+        initialization (Reptile, iMAML, shifting refuse MAML++'s options altogether) cannot.
+        """
+        if not learner.bn_statistics:
+            return
+        cls = type(self)
+        own_hooks = [h for h in ("begin_step", "task_step", "end_step")
+                     if getattr(cls, h) is not getattr(Estimator, h)]
+        if own_hooks or self.linearity_metrics or "observer" not in inspect.signature(
+                self.task_gradient).parameters:
+            why = (f"it has its own {', '.join(own_hooks)}" if own_hooks else
+                   "--linearity-metrics also observes the inner loop" if self.linearity_metrics else
+                   "its task gradient takes no inner-loop observer")
+            raise ValueError(
+                f"per_step_bn_stats=True (--per-step-bn-stats) is not valid with estimator {self.remat_name()}: "
+                f"{why}. Expected estimator 'maml', 'fomaml' or 'reuse' without --linearity-metrics.")
+
     def metric_names(self, learner: MetaLearner) -> tuple[str, ...]:
         """Names of the metrics :meth:`task_gradient` returns (fixed, for the task loop)."""
         return learner.metric_names
@@ -301,17 +325,26 @@ class Estimator(abc.ABC):
         ``shared`` is handed to every :meth:`task_step` (e.g. LIL pre-training's teacher),
         ``rows`` are per-task tensors with a leading dimension M (task i reads row i), and
         ``outputs`` describes (by a tensor of the same dtype and shape) each per-task output
-        :meth:`task_step` returns; the stacked outputs go to :meth:`end_step`.
+        :meth:`task_step` returns; the stacked outputs go to :meth:`end_step`. Default: with
+        per-step BatchNorm statistics, each task's ``[T+1, channels]`` batch moments per layer.
         """
-        return StepState()
+        return StepState(outputs=[tf.zeros([1, *v.shape]) for pair in learner.bn_statistics for v in pair])
 
     def task_step(self, learner: MetaLearner, meta_values: list, task: Task, shared, row: list):
         """One task of the task loop: ``(loss, grads, metrics, outputs)``.
 
         Default: :meth:`measured_task_gradient` (task_gradient, with the linearity metrics when
-        on) and no outputs. An estimator with per-task state overrides it, reading its row and
-        returning the task's new row as `outputs`.
+        on) and no outputs; with per-step BatchNorm statistics, task_gradient with
+        :func:`~tfmeta.core.mamlpp.statistics_observer` along its own inner loop, and the task's
+        per-step batch moments as outputs. An estimator with per-task state overrides it, reading
+        its row and returning the task's new row as `outputs`.
         """
+        if learner.bn_statistics:
+            meta = learner.unflatten([tf.stop_gradient(v) for v in meta_values])
+            observer = mamlpp.statistics_observer(learner, meta, task.support_x)
+            loss, grads, metrics, (_, _, moments) = self.task_gradient(learner, meta_values, task,
+                                                                        observer=observer)
+            return loss, grads, metrics, [t for pair in moments for t in pair]
         loss, grads, metrics = self.measured_task_gradient(learner, meta_values, task)
         return loss, grads, metrics, []
 
@@ -320,8 +353,11 @@ class Estimator(abc.ABC):
         """After the task loop: store the stacked per-task `outputs` (default: nothing).
 
         `after` is the loop's mean loss: assignments made under
-        ``tf.control_dependencies([after])`` run after every task of the step.
+        ``tf.control_dependencies([after])`` run after every task of the step. Default: move the
+        per-step BatchNorm statistics, if any (:func:`~tfmeta.core.mamlpp.update_statistics`).
         """
+        if learner.bn_statistics:
+            mamlpp.update_statistics(learner, list(zip(outputs[0::2], outputs[1::2])), after)
 
     def measured_task_gradient(self, learner: MetaLearner, meta_values: list, task: Task):
         """:meth:`task_gradient`, plus PC and AC when `linearity_metrics` is on.
@@ -413,6 +449,7 @@ class Estimator(abc.ABC):
             meta_values: meta-parameter tensors; default the learner's current values.
         """
         self.check_remat(learner)
+        self.check_statistics(learner)
         meta_values = learner.meta_values() if meta_values is None else list(meta_values)
         tasks = Task(*tasks)
         state = self.begin_step(learner, meta_values, tasks)

@@ -126,13 +126,19 @@ def export_model(model: keras.Model, base_dir: str, name: str) -> str:
     return _write_version(base_dir, name, write)
 
 
-def export_adapted(learner, support_x, support_y, base_dir: str, name: str, steps: int | None = None) -> str:
+def export_adapted(learner, support_x, support_y, base_dir: str, name: str, steps: int | None = None,
+                   statistics: str = "batch") -> str:
     """Adapt to one task's support set and export that model for plain serving.
 
     ``base_dir/name/<next version>/`` holds a SavedModel whose ``serving_default(x)`` predicts with
     the adapted weights (BatchNorm as the learner's policy, like `adapt_and_predict`), and
     ``model.keras``, a plain Keras model holding the adapted weights whose ``predict`` follows the
     same BatchNorm policy (:func:`tfmeta.core.plain.plain_model`).
+
+    ``statistics="running"`` (a learner with MAML++'s per-step running statistics): both normalise
+    with the running statistics of the last inner step instead of the batch, so each example is
+    predicted alone (``MetaModel.adapt(..., statistics="running")``); the SavedModel is then Keras'
+    own export of that model.
     """
     from tfmeta.training.keras_model import MetaModel
 
@@ -141,8 +147,14 @@ def export_adapted(learner, support_x, support_y, base_dir: str, name: str, step
         if tf.size(array) == 0:
             raise ValueError(f"{what} is empty: expected a support set with at least one example.")
         _check_finite([array], what)
-    adapted_model = MetaModel(learner).adapt(support_x, support_y, steps=steps)
+    adapted_model = MetaModel(learner).adapt(support_x, support_y, steps=steps, statistics=statistics)
     _check_finite([v.value for v in adapted_model.trainable_variables], "adapted weight")
+    if statistics == "running":
+        def write(tmp):
+            adapted_model.export(tmp, format="tf_saved_model", verbose=False)
+            adapted_model.save(os.path.join(tmp, "model.keras"))
+
+        return _write_version(base_dir, name, write)
     module = _Adapter(learner, adapted=[v.value for v in adapted_model.trainable_variables])
 
     def write(tmp):

@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from tfmeta import estimators
 from tfmeta.training import evaluation
-from tfmeta.core import randomness
+from tfmeta.core import mamlpp, randomness
 from tfmeta.core.learner import MetaLearner
 from tfmeta.core.plain import plain_model
 
@@ -137,6 +137,7 @@ class MetaModel(keras.Model):
         if not isinstance(estimator, estimators.Estimator):
             raise TypeError(f"estimator must be a name or an Estimator, got {type(estimator).__name__}.")
         estimator.check_remat(self.learner)
+        estimator.check_statistics(self.learner)
         estimator.check(self.learner)
         estimator.bind_meta_step(self.meta_step)
         if clip_norm is not None and not clip_norm > 0:
@@ -316,7 +317,8 @@ class MetaModel(keras.Model):
             x = task_dataset(x)
         return super().evaluate(x, steps=steps, return_dict=return_dict, **kwargs)
 
-    def adapt(self, support_x, support_y, steps: int | None = None) -> keras.Model:
+    def adapt(self, support_x, support_y, steps: int | None = None, *,
+              statistics: str = "batch") -> keras.Model:
         """A plain Keras model (a copy of the base model) holding the weights adapted to one task.
 
         It predicts as the learner does (:func:`tfmeta.core.plain.plain_model`): under the default
@@ -325,11 +327,21 @@ class MetaModel(keras.Model):
         the logits of the SavedModel's ``adapt_and_predict``. It saves to ``.keras`` and loads
         with plain Keras.
 
+        ``statistics="running"`` (a learner with ``per_step_bn_stats=True``, MAML++'s BNRS): the
+        copy keeps stock BatchNorm layers holding the running statistics of the last inner step,
+        so that `predict` normalises each example alone (non-transductive: any batch size, one
+        example included).
+
         Example:
             >>> adapted = meta.adapt(support_x, support_y)
             >>> logits = adapted.predict(query_x, batch_size=len(query_x))
         """
         learner = self.learner
+        if statistics not in ("batch", "running"):
+            raise ValueError(f"statistics={statistics!r} is not valid: expected 'batch' or 'running'.")
+        if statistics == "running" and not learner.bn_statistics:
+            raise ValueError("statistics='running' needs per-step running statistics: expected a learner "
+                             "built with per_step_bn_stats=True (--per-step-bn-stats).")
         sx = tf.convert_to_tensor(support_x, learner.dtype)
         sy = tf.convert_to_tensor(support_y)
         if sx.shape.rank is None or sy.shape.rank is None or sx.shape[0] != sy.shape[0]:
@@ -339,6 +351,9 @@ class MetaModel(keras.Model):
         if steps not in self._adapt_fns:  # one compiled adaptation per step count, not per call
             self._adapt_fns[steps] = _adapt_fn(learner, steps)
         params = self._adapt_fns[steps](sx, sy)
+        if statistics == "running":
+            done = learner.inner_steps if steps is None else steps
+            return plain_model(self.base_model, params, statistics=mamlpp.statistics_at(learner, done))
         return plain_model(self.base_model, params, batchnorm=learner.fmodel.batchnorm)
 
 

@@ -190,6 +190,9 @@ class MetaTrainer:
             )
             if self.estimator.state is not None:
                 parts["estimator"] = self.estimator.state
+            if learner.bn_statistics:  # MAML++'s per-step running statistics (not meta-parameters)
+                parts["bn_statistics"] = [v for pair in learner.bn_statistics for v in pair]
+                parts["bn_statistics_count"] = learner.bn_statistics_count
             ckpt = tf.train.Checkpoint(**parts)
             self.manager = tf.train.CheckpointManager(ckpt, checkpoint_dir, max_checkpoints)
 
