@@ -382,7 +382,9 @@ class MetaLearner:
                       for i in kernels]
             return tf.stack([drop] + change)
 
-        rows = tf.function(lambda *t: tf.map_fn(one, t, fn_output_signature=self.dtype))(*tasks)
+        # autograph=False: explicit control flow only; converting tfmeta's code cost ~3 s per check
+        rows = tf.function(lambda *t: tf.map_fn(one, t, fn_output_signature=self.dtype), autograph=False)(
+            *tasks)
         means = tf.reduce_mean(rows, 0).numpy()
         return {"support_loss_drop": float(means[0]),
                 "relative_change": {trainable[i].path: float(v) for i, v in zip(kernels, means[1:])}}
@@ -425,6 +427,7 @@ class MetaLearner:
                 "stalled": bool(reasons)}
 
     # -- adaptation ------------------------------------------------------------------------------
+    @tf.autograph.experimental.do_not_convert  # explicit tf.while_loop/tf.cond: nothing to convert
     def adapt(
         self,
         meta: MetaParams,

@@ -97,7 +97,7 @@ class TaskRows(tf.__internal__.tracking.Trackable):
 
                 return self._strategy.experimental_local_results(self._strategy.run(local))[0]
 
-            self._gather = tf.function(gather)
+            self._gather = tf.function(gather, autograph=False)
         return list(self._gather())
 
     def assign_global(self, values: Sequence) -> None:

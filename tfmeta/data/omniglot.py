@@ -236,7 +236,7 @@ def _nonempty(entries: list, path: str, name: str) -> list:
     return entries
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _png_to_ink(png: tf.Tensor, image_size: tf.Tensor) -> tf.Tensor:
     """PNG bytes -> float32 [S, S, 1] in [0, 1] as the PNG has it: background 1, strokes 0.
 

@@ -437,6 +437,7 @@ class Estimator(abc.ABC):
         mean = MetaGradient(loss / m, [g / m for g in grads], {k: v / m for k, v in metrics.items()})
         return mean, [ta.stack() for ta in outputs]
 
+    @tf.autograph.experimental.do_not_convert  # explicit tf.while_loop/tf.cond: nothing to convert
     def meta_gradient(self, learner: MetaLearner, tasks, meta_values=None) -> MetaGradient:
         """Mean meta-loss, meta-gradient and metrics over a batch of tasks (in-graph task loop).
 

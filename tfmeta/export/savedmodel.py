@@ -190,8 +190,9 @@ class _Adapter(tf.Module):
             y_spec = tf.TensorSpec(None, dtype, name="support_y")
         sx_spec = tf.TensorSpec((None,) + features, dtype, name="support_x")
         qx_spec = tf.TensorSpec((None,) + features, dtype, name="query_x")
-        self.serve = tf.function(self._serve, input_signature=[x_spec])
-        self.adapt_and_predict = tf.function(self._adapt_and_predict, input_signature=[sx_spec, y_spec, qx_spec])
+        self.serve = tf.function(self._serve, input_signature=[x_spec], autograph=False)
+        self.adapt_and_predict = tf.function(self._adapt_and_predict, input_signature=[sx_spec, y_spec, qx_spec],
+                                             autograph=False)
 
     def _serve(self, x):
         learner = self.learner

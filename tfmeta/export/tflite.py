@@ -245,13 +245,13 @@ def _module(learner, support: int):
     module.state_variables = [v.value for v in model.non_trainable_variables]
 
     @tf.function(input_signature=[tf.TensorSpec((support,) + features, dtype, name="support_x"), y_spec,
-                                  tf.TensorSpec((None,) + features, dtype, name="query_x")])
+                                  tf.TensorSpec((None,) + features, dtype, name="query_x")], autograph=False)
     def adapt_and_predict(support_x, support_y, query_x):
         meta = learner.unflatten(learner.meta_values())
         params = learner.adapt(meta, support_x, support_y, second_order=False)
         return {key: learner.fmodel(params, query_x)}
 
-    @tf.function(input_signature=[tf.TensorSpec((None,) + features, dtype, name="x")])
+    @tf.function(input_signature=[tf.TensorSpec((None,) + features, dtype, name="x")], autograph=False)
     def predict(x):
         meta = learner.unflatten(learner.meta_values())
         return {key: learner.fmodel(meta.init, x)}

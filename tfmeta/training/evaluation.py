@@ -70,7 +70,8 @@ def evaluate(
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes={episodes!r} is not valid: expected an integer >= 1.")
-    scorer = tf.function(lambda *tasks: batch_scores(learner, tasks, steps, estimator), reduce_retracing=True)
+    scorer = tf.function(lambda *tasks: batch_scores(learner, tasks, steps, estimator), reduce_retracing=True,
+                         autograph=False)
     rows = []
     index = start
     while sum(len(r) for r in rows) < episodes:

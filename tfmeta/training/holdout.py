@@ -80,7 +80,8 @@ def holdout_scorer(learner, steps: int | None = None):
 
     from tfmeta.training import evaluation
 
-    return tf.function(lambda *t: evaluation.batch_scores(learner, t, steps), reduce_retracing=True)
+    return tf.function(lambda *t: evaluation.batch_scores(learner, t, steps), reduce_retracing=True,
+                       autograph=False)
 
 
 def holdout_accuracy(learner, episodes, *, steps: int | None = None, chunk: int = 50,

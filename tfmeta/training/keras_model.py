@@ -374,7 +374,7 @@ def _assign_all(variables, values) -> None:
 
 
 def _adapt_fn(learner: MetaLearner, steps: int | None):
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def adapt(sx, sy):
         meta = learner.unflatten(learner.meta_values())
         return learner.adapt(meta, sx, sy, second_order=False, steps=steps)
