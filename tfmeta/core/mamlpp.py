@@ -190,8 +190,8 @@ def statistics_observer(learner, meta, x):
 
     Its accumulator holds, per BatchNorm layer, ``[T+1, channels]`` means and variances: row k
     is the moments of the support batch at the iterate phi_k, k = 0..T (with per-step BatchNorm
-    weights, those of set k). Each row is written by step k's pass alone (Antoniou et al. 2019,
-    Sec. 4, BNRS: "step k's statistics are updated only by step k"). The passes run on constants
+    weights, those of set k). Each row is written by step k's pass alone (per-step statistics,
+    Antoniou et al. 2019, Sec. 4, BNRS). The passes run on constants
     (no gradient, no Hessian term): one forward pass on the support set `x` per inner step."""
     from tfmeta.core.inner_loop import Observer
 
@@ -204,7 +204,8 @@ def statistics_observer(learner, meta, x):
 
     def write(acc, row, adapted):
         pick = tf.one_hot(row, rows)[:, None]
-        return [(m + pick * (tf.cast(mean, tf.float32)[None] - m), v + pick * (tf.cast(var, tf.float32)[None] - v))
+        return [(m + pick * (tf.cast(mean, tf.float32)[None] - m),
+                 v + pick * (tf.cast(var, tf.float32)[None] - v))
                 for (m, v), (mean, var) in zip(acc, moments_at(adapted, row))]
 
     def start(params):
