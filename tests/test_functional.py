@@ -108,16 +108,3 @@ def test_bad_models_and_policies_are_rejected():
         FunctionalModel(_sequential(), batchnorm="frozen")
     with pytest.raises(TypeError, match="keras.Model"):
         FunctionalModel("conv4")
-
-
-def test_autograph_does_not_convert_tfmeta_code():
-    """tfmeta's control flow is explicit: AutoGraph leaves its modules alone, inside a user's
-    tf.function too (converting them cost seconds per trace)."""
-    from tensorflow.python.autograph.impl import conversion
-
-    from tfmeta.core import inner_loop
-    from tfmeta.estimators.base import Estimator
-
-    for fn in (inner_loop.run, FunctionalModel.__call__, Estimator.task_loop):
-        assert conversion.is_allowlisted(fn), fn
-    assert not conversion.is_allowlisted(test_autograph_does_not_convert_tfmeta_code)  # a user's code is converted

@@ -84,25 +84,3 @@ def onednn_enabled() -> bool:
     except ImportError:  # pragma: no cover - other TensorFlow layouts
         return os.environ.get(ONEDNN_VARIABLE, "").lower() in ("1", "true")
     return bool(_pywrap_util_port.IsMklEnabled())
-
-
-def _autograph_leaves_tfmeta_alone() -> None:
-    """AutoGraph does not convert tfmeta's modules, as it does not convert TensorFlow's or Keras'.
-
-    tfmeta writes its control flow explicitly (`tf.while_loop`, `tf.cond`), so converting its code
-    inside a user's `tf.function` only costs time (about 3 CPU-seconds for the inner-loop check at
-    the start of a `fit`, before tfmeta's own functions turned AutoGraph off; 7% of the CPU time of
-    tests/test_implicit.py, whose tests wrap tfmeta calls in `tf.function`). TensorFlow keeps its
-    list of such packages in a private module; without it, nothing changes (tfmeta's own
-    `tf.function` s pass ``autograph=False`` anyway).
-    """
-    try:
-        from tensorflow.python.autograph.core import config, config_lib
-    except ImportError:  # pragma: no cover - other TensorFlow layouts
-        return
-    rule = config_lib.DoNotConvert("tfmeta")
-    if not any(getattr(r, "_prefix", None) == "tfmeta" for r in config.CONVERSION_RULES):
-        config.CONVERSION_RULES = (rule,) + tuple(config.CONVERSION_RULES)
-
-
-_autograph_leaves_tfmeta_alone()
