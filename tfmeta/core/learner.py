@@ -233,8 +233,9 @@ class MetaLearner:
         # MAML++ (first: per-step BatchNorm takes the BatchNorm weights out of the adapted ones)
         self.lslr_variables, self.bn_variables, self.bn_indices = mamlpp.build_variables(
             self, lslr=lslr, per_step_bn=per_step_bn, meta_sgd=meta_sgd)
-        #: BNRS: per BatchNorm layer, (mean, variance) variables [T+1, channels]; not meta-parameters.
-        self.bn_statistics = mamlpp.build_statistics(self, per_step_bn_stats)
+        #: BNRS: per BatchNorm layer, (mean, variance) variables [T+1, channels], and how many meta-steps
+        #: moved them (None without BNRS); not meta-parameters.
+        self.bn_statistics, self.bn_statistics_count = mamlpp.build_statistics(self, per_step_bn_stats)
         self.lr_variables = []
         if meta_sgd:
             self.lr_variables = [

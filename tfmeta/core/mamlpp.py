@@ -148,15 +148,16 @@ def bn_at_step(learner, params, meta, step) -> list:
 
 
 # -- learner: per-step BatchNorm running statistics (BNRS) ------------------------------------------
-def build_statistics(learner, on: bool) -> list:
+def build_statistics(learner, on: bool) -> tuple[list, object]:
     """BNRS: per BatchNorm layer, a ``(mean, variance)`` pair of non-trainable ``[T+1, channels]``
     variables, row k for the iterate phi_k (k inner steps done), each row starting from the layer's
-    own running statistics. Not meta-parameters: the task loop averages them (see
-    :func:`statistics_observer`, :func:`update_statistics`)."""
+    own running statistics, and the count of meta-steps that moved them (None when off). Not
+    meta-parameters: the task loop averages them (see :func:`statistics_observer`,
+    :func:`update_statistics`)."""
     if not isinstance(on, bool):
         raise ValueError(f"per_step_bn_stats={on!r} (--per-step-bn-stats) is not valid: expected True or False.")
     if not on:
-        return []
+        return [], None
     fmodel, rows = learner.fmodel, learner.inner_steps + 1
     layers = fmodel.bn_layers
     if not layers:
@@ -172,8 +173,7 @@ def build_statistics(learner, on: bool) -> list:
                          "--remat none.")
     #: how many meta-steps moved the statistics (see update_statistics); a float, so that every
     #: replica's identical assignment averages to itself under tf.distribute.
-    learner.bn_statistics_count = keras.Variable(0.0, name="per_step_bn_updates", trainable=False,
-                                                 aggregation="mean")
+    count = keras.Variable(0.0, name="per_step_bn_updates", trainable=False, aggregation="mean")
     statistics = []
     for k, layer in enumerate(layers):
         pair = []
@@ -182,7 +182,7 @@ def build_statistics(learner, on: bool) -> list:
             pair.append(keras.Variable(tf.tile(value[None], [rows, 1]), name=f"per_step_bn_{part}_{k}",
                                        trainable=False, aggregation="mean"))
         statistics.append(tuple(pair))
-    return statistics
+    return statistics, count
 
 
 def statistics_observer(learner, meta, x):

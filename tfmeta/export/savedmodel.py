@@ -149,16 +149,14 @@ def export_adapted(learner, support_x, support_y, base_dir: str, name: str, step
         _check_finite([array], what)
     adapted_model = MetaModel(learner).adapt(support_x, support_y, steps=steps, statistics=statistics)
     _check_finite([v.value for v in adapted_model.trainable_variables], "adapted weight")
-    if statistics == "running":
-        def write(tmp):
-            adapted_model.export(tmp, format="tf_saved_model", verbose=False)
-            adapted_model.save(os.path.join(tmp, "model.keras"))
-
-        return _write_version(base_dir, name, write)
-    module = _Adapter(learner, adapted=[v.value for v in adapted_model.trainable_variables])
+    module = None if statistics == "running" else _Adapter(
+        learner, adapted=[v.value for v in adapted_model.trainable_variables])
 
     def write(tmp):
-        tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve.get_concrete_function()})
+        if module is None:  # running statistics: Keras' own export of the stock-BatchNorm model
+            adapted_model.export(tmp, format="tf_saved_model", verbose=False)
+        else:
+            tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve.get_concrete_function()})
         adapted_model.save(os.path.join(tmp, "model.keras"))
 
     return _write_version(base_dir, name, write)
