@@ -1,4 +1,5 @@
-"""oneDNN on by default, strided 1x1 convolutions kept exact under it, machine-aware benchmarks."""
+"""oneDNN on and malloc arenas limited by default, strided 1x1 convolutions kept exact under oneDNN,
+machine-aware benchmarks."""
 
 from __future__ import annotations
 
@@ -23,36 +24,79 @@ from tfmeta.core.learner import MetaLearner
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
-_REPORT = ("import json, os, tfmeta; from tfmeta.core import runtime; "
-           "print(json.dumps([os.environ.get('TF_ENABLE_ONEDNN_OPTS'), runtime.onednn_enabled()]))")
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+# After `import tfmeta`: threads that each allocate while all are alive (glibc gives each new
+# thread an arena of its own, up to its limit), then malloc_info's count of arenas ("heaps").
+# Prints [TF_ENABLE_ONEDNN_OPTS, oneDNN in effect, tfmeta's arena limit, arenas, threads].
+_REPORT = r"""
+import ctypes, json, os, platform, tempfile, threading
+import tfmeta
+from tfmeta.core import runtime
+threads, heaps = 2 * (os.cpu_count() or 1) + 6, None
+if platform.libc_ver()[0] == "glibc":
+    barrier = threading.Barrier(threads + 1)
+    def work():
+        blocks = [bytearray(65536) for _ in range(4)]
+        barrier.wait()
+        barrier.wait()
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    libc, path = ctypes.CDLL(None), tempfile.mktemp()
+    libc.fopen.restype = ctypes.c_void_p
+    f = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(f))
+    libc.fclose(ctypes.c_void_p(f))
+    barrier.wait()
+    for w in workers:
+        w.join()
+    heaps = open(path).read().count("<heap nr=")
+    os.remove(path)
+print(json.dumps([os.environ.get("TF_ENABLE_ONEDNN_OPTS"), runtime.onednn_enabled(), runtime.MALLOC_ARENAS,
+                  heaps, threads]))
+"""
 
 
-def _python(code_or_args, onednn=None, timeout=300):
-    """Run python in a fresh process with TF_ENABLE_ONEDNN_OPTS=`onednn` (None: unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+def _python(code_or_args, onednn=None, timeout=300, arenas=None):
+    """Run python in a fresh process with TF_ENABLE_ONEDNN_OPTS=`onednn` and MALLOC_ARENA_MAX=`arenas`
+    (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "MALLOC_ARENA_MAX")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     if onednn is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    if arenas is not None:  # "many": more than _REPORT's threads
+        env["MALLOC_ARENA_MAX"] = str(8 * (os.cpu_count() or 1) + 32) if arenas == "many" else arenas
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=timeout)
 
 
 @pytest.mark.skipif(not X86_64, reason="tfmeta turns oneDNN on by default on x86-64 only")
-def test_import_turns_onednn_on_quietly_when_the_user_did_not_choose():
+def test_import_turns_onednn_on_quietly_and_limits_malloc_arenas_when_the_user_did_not_choose():
     proc = _python(_REPORT)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.splitlines()[-1]) == ["1", True]
+    variable, enabled, limit, heaps, threads = json.loads(proc.stdout.splitlines()[-1])
+    assert (variable, enabled) == ("1", True)
     assert "oneDNN custom operations are on" not in proc.stderr  # tfmeta's choice: no start-up notice
+    if GLIBC:  # two arenas per core, however many threads allocate
+        assert limit == 2 * os.cpu_count() and heaps <= limit < threads
 
 
-@pytest.mark.parametrize("value, enabled", [("0", False), ("garbage", False)])
-def test_import_leaves_the_users_setting_to_tensorflow(value, enabled):
-    proc = _python(_REPORT, onednn=value)
+# "0" and "garbage" with the user's MALLOC_ARENA_MAX unset and set: both left to their readers
+@pytest.mark.parametrize("value, enabled, arenas", [("0", False, None), ("garbage", False, "many")])
+def test_import_leaves_the_users_settings_to_tensorflow_and_glibc(value, enabled, arenas):
+    proc = _python(_REPORT, onednn=value, arenas=arenas)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.splitlines()[-1]) == [value, enabled]
+    variable, got, limit, heaps, threads = json.loads(proc.stdout.splitlines()[-1])
+    assert [variable, got] == [value, enabled]
     if value == "garbage":  # TensorFlow itself reports a value it does not understand
         assert "TF_ENABLE_ONEDNN_OPTS is not set to either" in proc.stderr
+    if GLIBC and arenas is None:
+        assert limit == 2 * os.cpu_count() and heaps <= limit
+    elif GLIBC:  # glibc honours the user's limit and tfmeta sets none: each thread its own arena
+        assert limit is None and heaps > threads
 
 
 def test_tensorflow_imported_first_keeps_its_choice_and_tfmeta_works():
@@ -80,7 +124,8 @@ def test_isa_class_from_cpu_flags(flags, isa):
 
 def _check_machine(machine, *, intra, inter):
     assert set(machine) == {"cpu_model", "isa", "onednn", "onednn_variable", "tensorflow",
-                            "intra_op_threads", "inter_op_threads", "cpu_count"}
+                            "intra_op_threads", "inter_op_threads", "cpu_count", "malloc_arenas",
+                            "malloc_arena_variable"}
     assert isinstance(machine["cpu_model"], str) and machine["cpu_model"]
     assert machine["isa"] in runtime.ISA_CLASSES
     if os.path.exists("/proc/cpuinfo"):
@@ -90,6 +135,9 @@ def _check_machine(machine, *, intra, inter):
     assert machine["tensorflow"] == tf.__version__
     assert (machine["intra_op_threads"], machine["inter_op_threads"]) == (intra, inter)
     assert machine["cpu_count"] == os.cpu_count()
+    # tfmeta's limit (two arenas per core) is set only where the user's MALLOC_ARENA_MAX is not
+    assert machine["malloc_arenas"] in (None, 2 * os.cpu_count())
+    assert machine["malloc_arenas"] is None or machine["malloc_arena_variable"] is None
 
 
 def test_bench_json_records_the_machine_and_the_cli_turns_onednn_on():
@@ -109,6 +157,8 @@ def test_machine_reports_what_is_in_effect_here():
     _check_machine(machine, intra=tf.config.threading.get_intra_op_parallelism_threads(),
                    inter=tf.config.threading.get_inter_op_parallelism_threads())
     assert machine["onednn"] == runtime.onednn_enabled()
+    assert machine["malloc_arenas"] == runtime.MALLOC_ARENAS
+    assert machine["malloc_arena_variable"] == os.environ.get("MALLOC_ARENA_MAX")
 
 
 # -- strided 1x1 convolutions ----------------------------------------------------------------------

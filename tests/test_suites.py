@@ -5,30 +5,25 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 import types
 
 from tfmeta.app import cli, suites
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ("seconds_per_step_median", "seconds_per_step_min", "peak_rss_mb", "compile_seconds")
 
 
 def test_quick_cost_suite_writes_json_and_plots(tmp_path, capsys, monkeypatch):
     """`tfmeta bench --suite cost --quick`, run here. Each configuration is the `python -m tfmeta
-    bench` command line the suite builds, and its output goes through the suite's own parsing
-    (`_run_json`): `plain`'s runs in its own process, as every configuration does in real use; the
-    others run the same command line through `cli.main` in this process (a TensorFlow start-up
-    each saved)."""
+    bench` command line the suite builds, run through `cli.main` in this process (a TensorFlow
+    start-up each saved; `python -m tfmeta bench` as a process of its own is run in
+    test_onednn.py), and its output goes through the suite's own parsing (`_run_json`)."""
     commands = []
 
     def run(cmd, **kwargs):
         assert cmd[:3] == [sys.executable, "-m", "tfmeta"] and cmd[3] == "bench", cmd
         commands.append(cmd)
-        if cmd[cmd.index("--estimator") + 1] == "plain":
-            return subprocess.run(cmd, cwd=REPO, **kwargs)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.main(cmd[3:])

@@ -12,7 +12,7 @@ import os
 
 import tensorflow as tf
 
-from tfmeta.core._backend import ONEDNN_VARIABLE, onednn_enabled  # noqa: F401  (re-exported)
+from tfmeta.core._backend import MALLOC_ARENAS, ONEDNN_VARIABLE, onednn_enabled  # noqa: F401  (re-exported)
 
 
 def configure_threads(intra_op: int | str = "auto", inter_op: int | str = "auto", *, task_loop: bool = True) -> tuple[int, int]:
@@ -97,7 +97,8 @@ def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, list[str]]:
 
 def machine() -> dict:
     """What a benchmark figure depends on: CPU model and ISA class, whether oneDNN is in effect,
-    TensorFlow's version, thread pools (0 = TensorFlow's own choice) and cores."""
+    TensorFlow's version, thread pools (0 = TensorFlow's own choice), cores, and the malloc arena
+    limit tfmeta set (None: none) beside the user's ``MALLOC_ARENA_MAX``."""
     import platform
 
     model, flags = _cpuinfo()
@@ -110,6 +111,8 @@ def machine() -> dict:
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "cpu_count": os.cpu_count() or 1,
+        "malloc_arenas": MALLOC_ARENAS,
+        "malloc_arena_variable": os.environ.get("MALLOC_ARENA_MAX"),
     }
 
 

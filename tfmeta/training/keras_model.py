@@ -58,7 +58,8 @@ def task_dataset(data, *, start: int = 0, steps: int | None = None) -> tf.data.D
         )
     spec = data.element_spec
     if not isinstance(spec, dict):
-        data = data.map(lambda *t: dict(zip(FIELDS, t[0] if len(t) == 1 else t)))
+        data = data.map(tf.autograph.experimental.do_not_convert(
+            lambda *t: dict(zip(FIELDS, t[0] if len(t) == 1 else t))))
     return data.take(steps) if steps is not None else data
 
 
