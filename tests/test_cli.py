@@ -22,13 +22,13 @@ def _last_json(text):
 def test_train_main_job_lowers_held_out_mse_and_exports(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "tfmeta", "train", "--iterations", "600", "--episodes", "200",
+        [sys.executable, "-m", "tfmeta", "train", "--iterations", "300", "--episodes", "200",
          "--out", str(run), "--export-dir", str(tmp_path / "sm"), "--no-progress", "--json"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = _last_json(proc.stdout)
-    assert result["steps"] == 600
+    assert result["steps"] == 300
     assert result["loss_after"] < result["loss_before"]
     assert "held-out MSE" in proc.stdout
     # the inner loop's effect at the initialization is reported, and the main job does not warn
