@@ -12,7 +12,8 @@ import os
 
 import tensorflow as tf
 
-from tfmeta.core._backend import MALLOC_ARENAS, ONEDNN_VARIABLE, onednn_enabled  # noqa: F401  (re-exported)
+from tfmeta.core._backend import (  # noqa: F401  (re-exported)
+    MALLOC_ARENAS, MALLOC_VARIABLE, ONEDNN_VARIABLE, onednn_enabled)
 
 
 def configure_threads(intra_op: int | str = "auto", inter_op: int | str = "auto", *, task_loop: bool = True) -> tuple[int, int]:
@@ -112,7 +113,7 @@ def machine() -> dict:
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "cpu_count": os.cpu_count() or 1,
         "malloc_arenas": MALLOC_ARENAS,
-        "malloc_arena_variable": os.environ.get("MALLOC_ARENA_MAX"),
+        "malloc_arena_variable": os.environ.get(MALLOC_VARIABLE),
     }
 
 

@@ -96,7 +96,8 @@ def make_dataset(
 
     indices = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
     # plain TensorFlow already: AutoGraph would only spend time converting it
-    ds = indices.map(tf.autograph.experimental.do_not_convert(_to_batch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = indices.map(tf.autograph.experimental.do_not_convert(_to_batch),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
