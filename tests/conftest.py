@@ -7,14 +7,17 @@ import os
 import numpy as np
 import pytest
 
-import tfmeta  # noqa: F401  (selects the TensorFlow backend)
-import keras
-import tensorflow as tf
+# TensorFlow, Keras and tfmeta are imported where they are used and, in every process that runs
+# tests, by pytest_configure below (tfmeta first: it selects Keras' TensorFlow backend and oneDNN
+# before TensorFlow loads); pytest-xdist's controller process runs no test and skips them (a
+# TensorFlow start-up, ~10 s before the workers start).
 
 
 @pytest.fixture
 def float64():
     """Build Keras layers in float64 for the duration of a test."""
+    import keras
+
     previous, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")  # the global policy is cached once a layer exists
@@ -25,6 +28,8 @@ def float64():
 
 def classification_tasks(meta_batch, ways, shots, query, shape, *, seed=0, dtype="float64"):
     """Random N-way tasks (support/query inputs from a normal distribution) as tensors."""
+    import tensorflow as tf
+
     rng = np.random.default_rng(seed)
     s, q = ways * shots, ways * query
     return (
@@ -38,6 +43,8 @@ def classification_tasks(meta_batch, ways, shots, query, shape, *, seed=0, dtype
 def fd_check(learner, tasks, estimator="maml", eps=1e-5, seed=1):
     """Relative error of <meta-gradient, d> against a central difference of the meta-loss along a
     random direction d, in float64. Returns (relative error, <meta-gradient, d>, MetaGradient)."""
+    import tensorflow as tf
+
     from tfmeta import estimators
 
     assert learner.dtype == tf.float64, "finite differences need a float64 model"
@@ -58,6 +65,8 @@ def fd_check(learner, tasks, estimator="maml", eps=1e-5, seed=1):
 
 def smooth_conv_bn(ways=3, size=6, seed=0):
     """A small smooth Conv + BatchNorm network (tanh, average pooling): FD checks are meaningful."""
+    import keras
+
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input((size, size, 1)),
@@ -71,6 +80,8 @@ def smooth_conv_bn(ways=3, size=6, seed=0):
 
 
 def small_dense(ways=3, inputs=4, seed=0):
+    import keras
+
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input((inputs,)),
@@ -99,6 +110,9 @@ def pytest_configure(config):
     # pytest-xdist >= 3.6 otherwise reorders files by their number of tests (most first), which
     # puts the long files with few tests last.
     config.option.loadscopereorder = False
+    xdist_controller = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+    if not xdist_controller:  # a process that runs tests: tfmeta before any test module's TensorFlow
+        import tfmeta  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):
