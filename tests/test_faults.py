@@ -60,7 +60,8 @@ def _run_and_kill(script, target, after_lines, extra_delay):
     assert lines >= after_lines, "the writer did not get going"
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.03, 0.08])
+# two moments into a ~9 MB write; tests/test_fault_matrix.py kills training runs at random moments too
+@pytest.mark.parametrize("delay", [0.0, 0.05])
 def test_kill_during_checkpoint_write_keeps_the_last_checkpoint(tmp_path, delay):
     _run_and_kill(CHECKPOINTS, tmp_path, 2, delay)
     latest = tf.train.latest_checkpoint(str(tmp_path))
