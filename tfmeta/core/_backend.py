@@ -14,10 +14,10 @@ imported before tfmeta the process keeps what TensorFlow chose (a debug-level lo
 
 Memory: glibc's malloc gives each new thread its own arena (up to 8 per core) and keeps freed
 blocks in it, so TensorFlow's thread pools, each freeing tensors that another thread allocated,
-raise the peak resident memory of a meta-step (measured in docs/performance.md: 8% less working
-memory with two arenas per core, at about 1% more time). On Linux with glibc, importing tfmeta limits the arenas to two per core (``mallopt(M_ARENA_MAX)``)
-unless the user set ``MALLOC_ARENA_MAX``, which glibc itself then honours;
-:data:`MALLOC_ARENAS` is the limit tfmeta set (None: it set none). See docs/performance.md.
+raise the peak resident memory of a meta-step (docs/performance.md: 8% less working memory with
+two arenas per core, at about 1% more time). On Linux with glibc, importing tfmeta limits the
+arenas to two per core (``mallopt(M_ARENA_MAX)``) unless the user set ``MALLOC_ARENA_MAX``, which
+glibc itself then honours; :data:`MALLOC_ARENAS` is the limit tfmeta set (None: it set none).
 """
 
 from __future__ import annotations
