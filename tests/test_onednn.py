@@ -125,7 +125,7 @@ def test_isa_class_from_cpu_flags(flags, isa):
 def _check_machine(machine, *, intra, inter):
     assert set(machine) == {"cpu_model", "isa", "onednn", "onednn_variable", "tensorflow",
                             "intra_op_threads", "inter_op_threads", "cpu_count", "malloc_arenas",
-                            "malloc_arena_variable"}
+                            "malloc_arena_variable", "grappler"}
     assert isinstance(machine["cpu_model"], str) and machine["cpu_model"]
     assert machine["isa"] in runtime.ISA_CLASSES
     if os.path.exists("/proc/cpuinfo"):
@@ -159,6 +159,23 @@ def test_machine_reports_what_is_in_effect_here():
     assert machine["onednn"] == runtime.onednn_enabled()
     assert machine["malloc_arenas"] == runtime.MALLOC_ARENAS
     assert machine["malloc_arena_variable"] == os.environ.get("MALLOC_ARENA_MAX")
+    assert machine["grappler"] == runtime.GRAPPLER
+
+
+def test_grappler_runs_one_round_without_the_memory_or_cpu_layout_passes():
+    """The options tfmeta set at import are the ones TensorFlow's functions run with."""
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.eager import context
+
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+    rewrite, rc = config.graph_options.rewrite_options, rewriter_config_pb2.RewriterConfig
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert rewrite.memory_optimization == rc.NO_MEM_OPT
+    assert rewrite.meta_optimizer_iterations == rc.ONE
+    assert rewrite.layout_optimizer == (rc.DEFAULT if gpu else rc.OFF)
+    assert runtime.GRAPPLER == {"memory_optimization": "off", "meta_optimizer_iterations": 1,
+                                "layout_optimizer": "on" if gpu else "off"}
 
 
 # -- strided 1x1 convolutions ----------------------------------------------------------------------

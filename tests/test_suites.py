@@ -18,7 +18,18 @@ def test_quick_cost_suite_writes_json_and_plots(tmp_path, capsys, monkeypatch):
     """`tfmeta bench --suite cost --quick`, run here. Each configuration is the `python -m tfmeta
     bench` command line the suite builds, run through `cli.main` in this process (a TensorFlow
     start-up each saved; `python -m tfmeta bench` as a process of its own is run in
-    test_onednn.py), and its output goes through the suite's own parsing (`_run_json`)."""
+    test_onednn.py), and its output goes through the suite's own parsing (`_run_json`).
+
+    The suite runs four of the quick configurations (plain, maml, maml+remat, reuse: the options
+    and the inner steps reach the command line); the other estimators' `tfmeta bench` runs are in
+    their own tests (fomaml: test_cli, implicit, linearity, shifting, reuse), and a bench run is
+    mostly a trace of the step (~6 CPU-s each)."""
+    quick = suites.cost_configurations(quick=True)
+    assert {suites._label(n, o) for n, o, _ in quick} == {
+        "plain", "maml", "fomaml", "reptile", "implicit", "shifting", "linearity", "reuse(2)", "maml+remat(sqrt)"}
+    assert {t for n, _, t in quick if n != "plain"} == {2}
+    run_here = [c for c in quick if suites._label(c[0], c[1]) in {"plain", "maml", "maml+remat(sqrt)", "reuse(2)"}]
+    monkeypatch.setattr(suites, "cost_configurations", lambda quick=False: run_here if quick else [])
     commands = []
 
     def run(cmd, **kwargs):
@@ -42,14 +53,21 @@ def test_quick_cost_suite_writes_json_and_plots(tmp_path, capsys, monkeypatch):
     assert report == json.loads(stdout.strip().splitlines()[-1])
     assert report["suite"] == "cost" and report["quick"] is True
     labels = {r["label"] for r in report["results"]}
-    assert labels == {"plain", "maml", "fomaml", "reptile", "implicit", "shifting", "linearity", "reuse(2)",
-                      "maml+remat(sqrt)"}
-    assert len(report["results"]) == len(commands) == len(suites.cost_configurations(quick=True))
+    assert labels == {"plain", "maml", "reuse(2)", "maml+remat(sqrt)"}
+    assert len(report["results"]) == len(commands) == 4
     assert sum(c[c.index("--estimator") + 1] == "plain" for c in commands) == 1
+    for cmd in commands:  # the options and T of each configuration reach its command line
+        if "reuse" in cmd:
+            assert cmd[cmd.index("--reuse-window") + 1] == "2" and cmd[cmd.index("--inner-steps") + 1] == "2"
+        if "--remat" in cmd:
+            assert cmd[cmd.index("--remat") + 1] == "sqrt" and cmd[cmd.index("--estimator") + 1] == "maml"
     for row in report["results"]:
         assert "error" not in row, row
         for key in FIGURES:
             assert isinstance(row[key], float) and row[key] >= 0, (row["label"], key)
+        # what each bench process reported of its own configuration
+        assert row["remat"] == ("sqrt" if row["label"] == "maml+remat(sqrt)" else "none"), row["label"]
+        assert row["filters"] == 16 and row["meta_batch"] == 2 and row["steps"] == 1, row["label"]
     for name in ("time_vs_inner_steps.png", "memory_vs_inner_steps.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert isinstance(report["targets"], dict)

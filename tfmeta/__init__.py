@@ -22,9 +22,9 @@ Example:
 from tfmeta.core import _backend  # noqa: F401  (sets KERAS_BACKEND before Keras loads)
 from tfmeta.core import runtime as _runtime
 
-# Second-order gradients through nested while loops trip Grappler's AddN scheduling rewrite
-# (AlreadyExistsError on the second call): see tfmeta.core.runtime.disable_addn_scheduling.
-_runtime.disable_addn_scheduling()
+# Grappler: no AddN scheduling rewrite (second-order gradients through nested while loops trip it:
+# AlreadyExistsError on the second call), one round of passes: see tfmeta.core.runtime.configure_grappler.
+_runtime.configure_grappler()
 
 from tfmeta import data, estimators, export, implicit  # noqa: E402
 from tfmeta.core import inner_optimizers, mamlpp, models  # noqa: E402
