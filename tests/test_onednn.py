@@ -306,5 +306,34 @@ def test_profile_reads_self_time_from_a_trace(tmp_path):
     trace = profiling.read_trace(str(path))
     assert trace["self_ps"] == {("Process", "ExecutorState"): 30, ("Conv2D", "a/conv"): 80,
                                 ("MaxPoolGrad", "b/pool"): 20}
+    assert trace["count"] == {("Process", "ExecutorState"): 1, ("Conv2D", "a/conv"): 2, ("MaxPoolGrad", "b/pool"): 1}
     assert trace["busy_ps"] == {"tf_Compute/1": 100, "tf_Compute/2": 30}
     assert trace["window_ps"] == 100
+
+
+def test_conv_floor_counts_the_convolutions_a_traced_meta_step_runs():
+    """The convolutions conv_floor adds up are the ones a MAML step runs: a traced step (M=2, T=2)
+    executes exactly M x conv_ops_per_task of each kind, forward, input and filter gradients."""
+    from tfmeta.app import profiling
+
+    result = profiling.profile_meta_step(meta_batch=2, inner_steps=2, filters=4, warmup=1)
+    ops = profiling.conv_ops_per_task(2)
+    expected = {k: 2 * sum(n for (kind, _, _), n in ops.items() if kind == k) for k in profiling.CONV_KINDS}
+    assert expected == {"conv forward": 52, "conv backprop input": 42, "conv backprop filter": 52}
+    assert {k: result["executions_by_kind"][k] for k in profiling.CONV_KINDS} == expected
+
+
+def test_conv_floor_adds_up_its_timed_convolutions():
+    from tfmeta.app import profiling
+
+    floor = profiling.conv_floor(meta_batch=4, inner_steps=1, ways=2, query=3, filters=2, image_size=8, cores=2,
+                                 reps=1, copies=(2, 1), matmul_size=64)
+    ops = floor["ops"]
+    # layer 1: 2 on the query set + 4 on the support set; layers 2-4: 3 + 9 each
+    assert sum(row["per_task"] for row in ops.values()) == floor["conv_ops_per_task"] == 6 + 3 * 12
+    assert floor["floor_seconds"] == pytest.approx(4 * sum(r["per_task"] * r["seconds"] for r in ops.values()) / 2)
+    # layer 1: 8x8x1 -> 2 filters; support 2 images, query 6; 2 x batch x 64 pixels x 9 x 1 x 2 FLOPs
+    assert ops["conv forward | layer 1 | query (6)"]["per_task"] == 1
+    flops_layer1 = 2 * 64 * 9 * 2 * (2 * 2 + 2 * 6)  # (forward + filter) x (1 step x 2 on support + 1 on query)
+    assert floor["gflop_per_meta_step"] > 4 * flops_layer1 / 1e9
+    assert floor["matmul_gflops_per_second"] > 0

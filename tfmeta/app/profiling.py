@@ -75,8 +75,8 @@ def op_phase(name: str) -> str:
 
 
 def read_trace(path: str) -> dict:
-    """Self time (ps) per (op type, op name) on the compute threads of an XSpace file, the busy
-    time per thread and the traced window (ps)."""
+    """Self time (ps) and number of executions per (op type, op name) on the compute threads of
+    an XSpace file, the busy time per thread and the traced window (ps)."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
@@ -84,6 +84,7 @@ def read_trace(path: str) -> dict:
         space.ParseFromString(f.read())
     plane = next(p for p in space.planes if p.name == "/host:CPU")
     self_ps: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
     busy, first, last = {}, None, None
     for line in plane.lines:
         if "Compute" not in line.name:  # TensorFlow's inter-op threads run the ops
@@ -104,10 +105,11 @@ def read_trace(path: str) -> dict:
                 covered += duration
             name, _, op_type = label.rpartition(":")
             stack.append([start + duration, (op_type or name, name), 0, duration])
+            count[(op_type or name, name)] += 1
             first = start if first is None else min(first, start)
             last = start + duration if last is None else max(last, start + duration)
         busy[line.name] = covered
-    return {"self_ps": self_ps, "busy_ps": busy, "window_ps": (last - first) if busy else 0}
+    return {"self_ps": self_ps, "count": count, "busy_ps": busy, "window_ps": (last - first) if busy else 0}
 
 
 def breakdown(trace: dict) -> dict:
@@ -115,8 +117,10 @@ def breakdown(trace: dict) -> dict:
     threads = max(len(trace["busy_ps"]), 1)
     total = trace["window_ps"] * threads or 1
     kinds, phases, table = collections.Counter(), collections.Counter(), collections.Counter()
+    runs = collections.Counter()
     for (op_type, name), ps in trace["self_ps"].items():
         kind, phase = op_kind(op_type, name), op_phase(name)
+        runs[kind] += trace.get("count", {}).get((op_type, name), 0)
         kinds[kind] += ps
         phases[phase] += ps
         table[f"{phase} | {kind}"] += ps
@@ -128,6 +132,7 @@ def breakdown(trace: dict) -> dict:
         "by_kind": {k: kinds[k] / total for k in KINDS},
         "by_phase": {p: phases[p] / total for p in PHASES},
         "by_phase_and_kind": {k: v / total for k, v in table.most_common() if v / total >= 0.005},
+        "executions_by_kind": {k: runs[k] for k in KINDS},
     }
 
 
@@ -165,6 +170,105 @@ def profile_meta_step(*, estimator: str = "maml", ways: int = 5, shots: int = 1,
     return result
 
 
+CONV_KINDS = ("conv forward", "conv backprop input", "conv backprop filter")
+
+
+def conv_ops_per_task(inner_steps: int, layers: int = 4) -> collections.Counter:
+    """The convolutions one task of an exact second-order MAML step runs, by (kind, layer, set).
+
+    Query set: the forward pass and its gradient (input gradients for layers 2.., filter gradients
+    for all). Support set, each inner step: the same three, then the backward pass through them
+    (reverse over reverse): the derivative of a forward convolution needs an input- and a
+    filter-gradient convolution, that of an input gradient a filter-gradient and a forward
+    convolution, that of a filter gradient an input-gradient and a forward convolution; layer 1's
+    input (the images) needs no gradient, so its backward pass has one filter gradient and its
+    derivative one forward convolution. Layers 2..: 3 + 6 per inner step; layer 1: 2 + 2.
+    `tests/test_onednn.py` counts the convolutions a traced step runs against these.
+    """
+    ops: collections.Counter = collections.Counter()
+    forward, grad_in, grad_filter = CONV_KINDS
+    for layer in range(1, layers + 1):
+        first = layer == 1
+        ops[(forward, layer, "query")] += 1
+        ops[(grad_filter, layer, "query")] += 1
+        ops[(forward, layer, "support")] += inner_steps * (2 if first else 3)
+        ops[(grad_filter, layer, "support")] += inner_steps * (2 if first else 3)
+        if not first:
+            ops[(grad_in, layer, "query")] += 1
+            ops[(grad_in, layer, "support")] += inner_steps * 3
+    return ops
+
+
+def conv_floor(*, meta_batch: int = 32, inner_steps: int = 5, ways: int = 5, shots: int = 1, query: int = 15,
+               filters: int = 64, image_size: int = 28, cores: int | None = None, reps: int = 3,
+               copies: tuple[int, int] = (40, 6), matmul_size: int = 1024) -> dict:
+    """A lower bound of a conv4 MAML meta-step's time from its convolutions alone.
+
+    Times each convolution of :func:`conv_ops_per_task` (3x3, same padding, the layer's input size
+    and channels, `ways * shots` support or `ways * query` query images) with TensorFlow's kernels
+    as the process runs them, many copies in one graph so that the call overhead is amortized,
+    (`copies`: on the support set, on the query set) and adds them up for `meta_batch` tasks
+    spread perfectly over `cores`. Everything else of the
+    step (BatchNorm, pooling, activations, loss, update, the executor) is left out, so a meta-step
+    cannot be faster than this with these kernels. Run it with one intra-op and one inter-op
+    thread (``main`` does), as the task loop runs each task on one core. Also reports the FLOPs
+    and a `matmul_size`^3 matmul's rate as the machine's reference.
+    """
+    import tensorflow as tf
+
+    cores = cores or os.cpu_count() or 1
+
+    def timed(op, copies):
+        fn = tf.function(lambda: tf.add_n([tf.reduce_sum(op(i)) for i in range(copies)]))
+        fn().numpy()
+        best = float("inf")
+        for _ in range(reps):
+            began = time.perf_counter()
+            fn().numpy()
+            best = min(best, time.perf_counter() - began)
+        return best / copies
+
+    ops, sizes = conv_ops_per_task(inner_steps), {"support": ways * shots, "query": ways * query}
+    per_op, flops, seconds = {}, 0, 0.0
+    size, channels = image_size, 1
+    for layer in range(1, 5):
+        for which, batch in sizes.items():
+            x = tf.random.normal([batch, size, size, channels])
+            w = tf.random.normal([3, 3, channels, filters])
+            dy = tf.random.normal([batch, size, size, filters])
+            strides = [1, 1, 1, 1]
+            kernels = {
+                "conv forward": lambda i: tf.nn.conv2d(x + float(i), w, 1, "SAME"),
+                "conv backprop input": lambda i: tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=x.shape, filter=w + float(i), out_backprop=dy, strides=strides, padding="SAME"),
+                "conv backprop filter": lambda i: tf.raw_ops.Conv2DBackpropFilter(
+                    input=x + float(i), filter_sizes=w.shape, out_backprop=dy, strides=strides, padding="SAME"),
+            }
+            op_flops = 2 * batch * size * size * 9 * channels * filters
+            for kind, kernel in kernels.items():
+                n = ops[(kind, layer, which)]
+                if not n:
+                    continue
+                t = timed(kernel, copies[0] if which == "support" else copies[1])
+                per_op[f"{kind} | layer {layer} | {which} ({batch})"] = {
+                    "per_task": n, "seconds": t, "gflops_per_second": op_flops / t / 1e9}
+                seconds += n * t
+                flops += n * op_flops
+        size, channels = size // 2, filters
+    a, b = tf.random.normal([matmul_size] * 2), tf.random.normal([matmul_size] * 2)
+    matmul = timed(lambda i: tf.matmul(a + float(i), b), 4)
+    return {
+        "meta_batch": meta_batch, "inner_steps": inner_steps, "ways": ways, "shots": shots, "query": query,
+        "filters": filters, "image_size": image_size, "cores": cores,
+        "conv_ops_per_task": sum(ops.values()),
+        "gflop_per_meta_step": meta_batch * flops / 1e9,
+        "conv_seconds_per_task": seconds,
+        "floor_seconds": meta_batch * seconds / cores,
+        "matmul_gflops_per_second": 2 * matmul_size ** 3 / matmul / 1e9,
+        "ops": per_op,
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tfmeta.app.profiling", description=__doc__.splitlines()[0])
     parser.add_argument("--estimator", default="maml")
@@ -176,9 +280,27 @@ def main(argv=None) -> int:
     parser.add_argument("--filters", type=int, default=64)
     parser.add_argument("--logdir", default=None, help="where the trace goes (TensorBoard's profile plugin reads it)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--conv-floor", action="store_true",
+                        help="instead: the lower bound of the meta-step's time from its convolutions alone "
+                             "(conv_floor), one thread per task")
     args = parser.parse_args(argv)
     from tfmeta.core import runtime
 
+    if args.conv_floor:
+        runtime.configure_threads(1, 1)
+        result = conv_floor(meta_batch=args.meta_batch, inner_steps=args.inner_steps, ways=args.ways,
+                            shots=args.shots, query=args.query, filters=args.filters)
+        result["machine"] = runtime.machine()
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        for name, row in result["ops"].items():
+            print(f"{name:>48s} x{row['per_task']:<3d} {1e3 * row['seconds']:8.3f} ms "
+                  f"{row['gflops_per_second']:5.1f} GFLOP/s")
+        print(f"{result['gflop_per_meta_step']:.1f} GFLOP of convolutions per meta-step; at these kernels' rates "
+              f"{result['floor_seconds']:.2f} s on {result['cores']} cores (M={result['meta_batch']}, "
+              f"T={result['inner_steps']}); 1024^3 matmul: {result['matmul_gflops_per_second']:.1f} GFLOP/s")
+        return 0
     runtime.configure_threads("auto", "auto")
     result = profile_meta_step(estimator=args.estimator, ways=args.ways, shots=args.shots, query=args.query,
                                meta_batch=args.meta_batch, inner_steps=args.inner_steps,
