@@ -98,12 +98,15 @@ OMNIGLOT_DIR = os.environ.get("TFMETA_OMNIGLOT_DIR") or os.path.join(
 
 
 #: The test files with the most CPU time (processes started, distributed workers, graph traces), run
-#: first: pytest-xdist's workers (`-n 2 --dist loadfile`) take one file at a time in this order, so
-#: the two end together on short files instead of one waiting for the other's long file.
-LONGEST_FIRST = ("test_distribute.py", "test_autometa.py", "test_remat.py", "test_suites.py",
-                 "test_fault_matrix.py", "test_implicit.py", "test_keras_model.py", "test_reuse.py",
-                 "test_linearity.py", "test_export_tflite.py", "test_onednn.py", "test_training.py",
-                 "test_export.py", "test_faults.py", "test_shifting.py", "test_readme.py", "test_cli.py")
+#: first, longest first (measured with a per-test CPU-time log, 2026-12-06): pytest-xdist's workers
+#: (`-n 2 --dist loadfile`) take one file at a time in this order, so the two end together on short
+#: files instead of one waiting for the other's long file.
+LONGEST_FIRST = ("test_distribute.py", "test_autometa.py", "test_remat.py", "test_fault_matrix.py",
+                 "test_implicit.py", "test_onednn.py", "test_reuse.py", "test_linearity.py",
+                 "test_export_tflite.py", "test_training.py", "test_keras_model.py", "test_export.py",
+                 "test_shifting.py", "test_readme.py", "test_plain_models.py", "test_newcomer.py",
+                 "test_bnrs.py", "test_mamlpp.py", "test_cli.py", "test_suites.py", "test_meta_gradients.py",
+                 "test_properties.py", "test_faults.py")
 
 
 def pytest_configure(config):

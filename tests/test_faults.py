@@ -60,8 +60,10 @@ def _run_and_kill(script, target, after_lines, extra_delay):
     assert lines >= after_lines, "the writer did not get going"
 
 
-# two moments into a ~9 MB write; tests/test_fault_matrix.py kills training runs at random moments too
-@pytest.mark.parametrize("delay", [0.0, 0.05])
+# a moment inside a ~9 MB write (each writer is a fresh process, ~8 CPU-s of TensorFlow start-up);
+# tests/test_fault_matrix.py kills training runs at random moments of training, checkpointing and
+# export too
+@pytest.mark.parametrize("delay", [0.05])
 def test_kill_during_checkpoint_write_keeps_the_last_checkpoint(tmp_path, delay):
     _run_and_kill(CHECKPOINTS, tmp_path, 2, delay)
     latest = tf.train.latest_checkpoint(str(tmp_path))
@@ -75,7 +77,7 @@ def test_kill_during_checkpoint_write_keeps_the_last_checkpoint(tmp_path, delay)
         assert np.all(values == step), key
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.2])
+@pytest.mark.parametrize("delay", [0.2])
 def test_kill_during_export_leaves_only_complete_versions(tmp_path, delay):
     from tfmeta import export
     _run_and_kill(EXPORTS, tmp_path, 1, delay)
