@@ -438,7 +438,7 @@ def _wait_for(pattern, deadline):
         time.sleep(0.01)
 
 
-@settings(max_examples=3, deadline=None, database=None, phases=(Phase.generate,),  # no slow shrinking
+@settings(max_examples=2, deadline=None, database=None, phases=(Phase.generate,),  # no slow shrinking
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(phase=st.sampled_from(["train", "checkpoint", "export"]), when=st.floats(0.0, 1.0))
 def test_kill_9_at_random_moments_then_resume_reaches_the_uninterrupted_parameters(

@@ -78,7 +78,7 @@ def _named(err: ValueError, config) -> bool:
     return any(re.search(rf"\b{re.escape(n)}\b", text) for n in names)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configurations())
 def test_runs_with_finite_meta_gradients_or_is_rejected_up_front(config):
     try:
