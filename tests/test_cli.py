@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -19,22 +17,26 @@ def _last_json(text):
     return json.loads(text.strip().splitlines()[-1])
 
 
-def test_train_main_job_lowers_held_out_mse_and_exports(tmp_path):
+def test_train_main_job_lowers_held_out_mse_and_exports(tmp_path, capsys, recwarn):
+    """The main job, run through `cli.main` here (`python -m tfmeta` as a process of its own is
+    run by test_newcomer.py and test_fault_matrix.py): a TensorFlow start-up saved."""
+    from tfmeta.core.learner import InnerLoopWarning
+
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tfmeta", "train", "--iterations", "300", "--episodes", "200",
-         "--out", str(run), "--export-dir", str(tmp_path / "sm"), "--no-progress", "--json"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = _last_json(proc.stdout)
+    capsys.readouterr()
+    code = cli.main(["train", "--iterations", "300", "--episodes", "200", "--out", str(run),
+                     "--export-dir", str(tmp_path / "sm"), "--no-progress", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    result = _last_json(out)
     assert result["steps"] == 300
     assert result["loss_after"] < result["loss_before"]
-    assert "held-out MSE" in proc.stdout
+    assert "held-out MSE" in out
     # the inner loop's effect at the initialization is reported, and the main job does not warn
     assert result["inner_loop"]["support_loss_drop"] > 0.01 and not result["inner_loop"]["stalled"]
-    assert "inner loop at the initialization: 1 step lowers the support loss by" in proc.stdout
-    assert "InnerLoopWarning" not in proc.stderr
+    assert "inner loop at the initialization: 1 step lowers the support loss by" in out
+    assert "InnerLoopWarning" not in err
+    assert not [w for w in recwarn if issubclass(w.category, InnerLoopWarning)]
     assert os.path.isfile(os.path.join(result["export"], "saved_model.pb"))
 
     code = cli.main(["evaluate", "--run", str(run), "--episodes", "50", "--json"])
