@@ -332,8 +332,10 @@ def test_conv_floor_adds_up_its_timed_convolutions():
     # layer 1: 2 on the query set + 4 on the support set; layers 2-4: 3 + 9 each
     assert sum(row["per_task"] for row in ops.values()) == floor["conv_ops_per_task"] == 6 + 3 * 12
     assert floor["floor_seconds"] == pytest.approx(4 * sum(r["per_task"] * r["seconds"] for r in ops.values()) / 2)
-    # layer 1: 8x8x1 -> 2 filters; support 2 images, query 6; 2 x batch x 64 pixels x 9 x 1 x 2 FLOPs
     assert ops["conv forward | layer 1 | query (6)"]["per_task"] == 1
-    flops_layer1 = 2 * 64 * 9 * 2 * (2 * 2 + 2 * 6)  # (forward + filter) x (1 step x 2 on support + 1 on query)
-    assert floor["gflop_per_meta_step"] > 4 * flops_layer1 / 1e9
+    # FLOPs of one convolution: 2 x images x pixels x 9 x input channels x 2 filters. Layer 1 (8x8, 1
+    # channel): 4 on 2 support images, 2 on 6 query images; layers 2-4 (4x4, 2x2, 1x1, 2 channels):
+    # 9 on 2 support images, 3 on 6 query images
+    per_task = 2 * 9 * 1 * 2 * 64 * (4 * 2 + 2 * 6) + sum(2 * 9 * 2 * 2 * p * (9 * 2 + 3 * 6) for p in (16, 4, 1))
+    assert floor["gflop_per_meta_step"] == pytest.approx(4 * per_task / 1e9)
     assert floor["matmul_gflops_per_second"] > 0
