@@ -219,7 +219,9 @@ def conv_floor(*, meta_batch: int = 32, inner_steps: int = 5, ways: int = 5, sho
     cores = cores or os.cpu_count() or 1
 
     def timed(op, copies):
-        fn = tf.function(lambda: tf.add_n([tf.reduce_sum(op(i)) for i in range(copies)]))
+        # copies of the op on inputs of their own (no common subexpression to merge), each output
+        # reduced to one element (the op still runs whole), so the graph times little but the ops
+        fn = tf.function(lambda: tf.add_n([tf.reshape(op(i), [-1])[0] for i in range(copies)]))
         fn().numpy()
         best = float("inf")
         for _ in range(reps):
@@ -233,30 +235,32 @@ def conv_floor(*, meta_batch: int = 32, inner_steps: int = 5, ways: int = 5, sho
     size, channels = image_size, 1
     for layer in range(1, 5):
         for which, batch in sizes.items():
-            x = tf.random.normal([batch, size, size, channels])
-            w = tf.random.normal([3, 3, channels, filters])
+            n_copies = copies[0] if which == "support" else copies[1]
+            xs = [tf.random.normal([batch, size, size, channels]) for _ in range(n_copies)]
+            ws = [tf.random.normal([3, 3, channels, filters]) for _ in range(n_copies)]
             dy = tf.random.normal([batch, size, size, filters])
             strides = [1, 1, 1, 1]
             kernels = {
-                "conv forward": lambda i: tf.nn.conv2d(x + float(i), w, 1, "SAME"),
+                "conv forward": lambda i: tf.nn.conv2d(xs[0], ws[i], 1, "SAME"),
                 "conv backprop input": lambda i: tf.raw_ops.Conv2DBackpropInput(
-                    input_sizes=x.shape, filter=w + float(i), out_backprop=dy, strides=strides, padding="SAME"),
+                    input_sizes=xs[0].shape, filter=ws[i], out_backprop=dy, strides=strides, padding="SAME"),
                 "conv backprop filter": lambda i: tf.raw_ops.Conv2DBackpropFilter(
-                    input=x + float(i), filter_sizes=w.shape, out_backprop=dy, strides=strides, padding="SAME"),
+                    input=xs[i], filter_sizes=ws[0].shape, out_backprop=dy, strides=strides, padding="SAME"),
             }
             op_flops = 2 * batch * size * size * 9 * channels * filters
             for kind, kernel in kernels.items():
                 n = ops[(kind, layer, which)]
                 if not n:
                     continue
-                t = timed(kernel, copies[0] if which == "support" else copies[1])
+                t = timed(kernel, n_copies)
                 per_op[f"{kind} | layer {layer} | {which} ({batch})"] = {
                     "per_task": n, "seconds": t, "gflops_per_second": op_flops / t / 1e9}
                 seconds += n * t
                 flops += n * op_flops
         size, channels = size // 2, filters
-    a, b = tf.random.normal([matmul_size] * 2), tf.random.normal([matmul_size] * 2)
-    matmul = timed(lambda i: tf.matmul(a + float(i), b), 4)
+    a = [tf.random.normal([matmul_size] * 2) for _ in range(4)]
+    b = tf.random.normal([matmul_size] * 2)
+    matmul = timed(lambda i: tf.matmul(a[i], b), 4)
     return {
         "meta_batch": meta_batch, "inner_steps": inner_steps, "ways": ways, "shots": shots, "query": query,
         "filters": filters, "image_size": image_size, "cores": cores,
